@@ -1,0 +1,40 @@
+"""Scale presets (tiny / demo / paper): grid shape and spacing shared by every job.
+
+Loaded from ``configs/preset/<name>.yaml``; the Hydra jobs compose the same files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import yaml
+
+from fcas.labels import CONFIG_DIR
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    latent_shape: tuple[int, int, int]
+
+    @property
+    def n_voxels(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+
+@lru_cache(maxsize=8)
+def load_preset(name: str) -> Preset:
+    path = CONFIG_DIR / "preset" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "preset").glob("*.yaml"))
+        raise ValueError(f"unknown preset {name!r}; known presets: {known}")
+    with open(path) as fh:
+        d = yaml.safe_load(fh)
+    return Preset(
+        name=d["name"],
+        shape=tuple(int(v) for v in d["shape"]),
+        spacing=tuple(float(v) for v in d["spacing"]),
+        latent_shape=tuple(int(v) for v in d["latent_shape"]),
+    )
