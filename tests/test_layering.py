@@ -1,0 +1,33 @@
+"""Ray and Hydra stay at the edges: only fcas/pipeline may import them (STYLE.md)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "fcas"
+EDGE = PKG / "pipeline"
+FORBIDDEN = {"ray", "hydra"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+LIBRARY_MODULES = sorted(p for p in PKG.rglob("*.py") if EDGE not in p.parents)
+
+
+@pytest.mark.parametrize("path", LIBRARY_MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_library_module_imports_neither_ray_nor_hydra(path):
+    bad = _imports(path) & FORBIDDEN
+    assert not bad, f"{path} imports {bad}; move the wiring to fcas/pipeline/"
+
+
+def test_the_check_sees_the_library():
+    assert len(LIBRARY_MODULES) >= 2
