@@ -1,0 +1,323 @@
+"""Parquet manifests with declared schemas (pyarrow), on any fsspec URI.
+
+Schemas:
+
+* :data:`CASES_SCHEMA` -- one row per prepared case: ``case_id``, ``image_uri``, ``label_uri``,
+  ``shape`` (list<int32>, I J K), ``spacing`` (list<float64>, mm), ``class_voxels``
+  (map<string, int64>: voxel count per class name), ``split`` (train / template / reference /
+  test), ``source`` (where the case came from).
+* :data:`REJECTS_SCHEMA` -- one row per input refused by a stage: ``source``, ``reason``, ``stage``.
+
+More schemas (the synthesis manifest, ...) are declared with :func:`make_schema` and added to
+:data:`SCHEMAS` by the module that owns them; :func:`write_table` / :func:`read_table` accept a
+``pyarrow.Schema`` or a registered name.
+
+Writing validates every row against the schema in Python first, so a wrong type is reported as
+``row 3, field 'shape'[1]: expected int32, got 'a' (str)`` instead of an Arrow traceback, and
+nothing is written. Files are serialized in memory and written with
+:func:`fcas.io.storage.atomic_write_bytes`.
+
+Reading accepts a file, a directory of shards (``*.parquet`` directly inside it, hidden and
+``_``-prefixed names skipped) or a glob; shards are concatenated in file-name order.
+:func:`read_manifest_dedup` keeps the last row of each key (a retried sample overwrites its
+files and appends a new row; readers drop the earlier one).
+
+Hand-written row validation; Parquet I/O is pyarrow's.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fcas.io import storage
+
+__all__ = [
+    "CASES_SCHEMA",
+    "REJECTS_SCHEMA",
+    "SCHEMAS",
+    "make_schema",
+    "validate_rows",
+    "write_table",
+    "read_table",
+    "read_manifest_dedup",
+    "map_to_dict",
+]
+
+_SCHEMA_NAME_KEY = b"fcas.schema"
+
+
+def make_schema(name: str, fields: Iterable[pa.Field], version: int = 1) -> pa.Schema:
+    """A ``pyarrow.Schema`` stamped with ``fcas.schema = "<name>/v<version>"`` metadata."""
+    return pa.schema(list(fields), metadata={_SCHEMA_NAME_KEY: f"{name}/v{version}".encode()})
+
+
+CASES_SCHEMA = make_schema(
+    "cases",
+    [
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("label_uri", pa.string(), nullable=False),
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("spacing", pa.list_(pa.float64()), nullable=False),
+        pa.field("class_voxels", pa.map_(pa.string(), pa.int64())),
+        pa.field("split", pa.string()),
+        pa.field("source", pa.string()),
+    ],
+)
+
+REJECTS_SCHEMA = make_schema(
+    "rejects",
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+    ],
+)
+
+#: Registered schemas by name; other modules add theirs (e.g. ``SCHEMAS["synthesis"] = ...``).
+SCHEMAS: dict[str, pa.Schema] = {"cases": CASES_SCHEMA, "rejects": REJECTS_SCHEMA}
+
+
+def _resolve_schema(schema: pa.Schema | str) -> pa.Schema:
+    if isinstance(schema, pa.Schema):
+        return schema
+    if isinstance(schema, str) and schema in SCHEMAS:
+        return SCHEMAS[schema]
+    raise ValueError(f"schema must be a pyarrow.Schema or one of {sorted(SCHEMAS)}, got {schema!r}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _check_value(value: Any, typ: pa.DataType, where: str) -> None:
+    """Raise ValueError when ``value`` does not fit Arrow type ``typ`` (nested nulls allowed)."""
+    if value is None:
+        return
+    bad = ValueError(f"{where}: expected {typ}, got {_describe(value)}")
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        if not isinstance(value, str):
+            raise bad
+    elif pa.types.is_boolean(typ):
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad
+    elif pa.types.is_integer(typ):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise bad
+        info = np.iinfo(typ.to_pandas_dtype())
+        if not info.min <= int(value) <= info.max:
+            raise ValueError(f"{where}: {value} out of range for {typ}")
+    elif pa.types.is_floating(typ):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)
+        ):
+            raise bad
+    elif pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            raise bad
+        if pa.types.is_fixed_size_list(typ) and len(value) != typ.list_size:
+            raise ValueError(f"{where}: expected {typ.list_size} items, got {len(value)}")
+        for i, item in enumerate(value):
+            _check_value(item, typ.value_type, f"{where}[{i}]")
+    elif pa.types.is_map(typ):
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in value
+        ):
+            items = [tuple(kv) for kv in value]
+        else:
+            raise bad
+        for k, v in items:
+            if k is None:
+                raise ValueError(f"{where}: map keys must not be null")
+            _check_value(k, typ.key_type, f"{where} key")
+            _check_value(v, typ.item_type, f"{where}[{k!r}]")
+    elif pa.types.is_struct(typ):
+        if not isinstance(value, Mapping):
+            raise bad
+        names = {typ.field(i).name for i in range(typ.num_fields)}
+        extra = set(value) - names
+        if extra:
+            raise ValueError(f"{where}: unknown struct keys {sorted(extra)}; known {sorted(names)}")
+        for i in range(typ.num_fields):
+            f = typ.field(i)
+            _check_value(value.get(f.name), f.type, f"{where}.{f.name}")
+    else:
+        try:
+            pa.scalar(value, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: expected {typ}, got {_describe(value)}: {exc}") from None
+
+
+def validate_rows(rows: list[Mapping[str, Any]], schema: pa.Schema | str) -> pa.Table:
+    """Check ``rows`` against ``schema`` and build the table.
+
+    Every row must be a mapping whose keys are schema fields (absent nullable fields become
+    null); non-nullable fields must be present and not None; values must fit the field types
+    (no silent float -> int truncation, no str -> number parsing).
+
+    Returns:
+        ``pyarrow.Table`` with exactly ``schema``.
+
+    Raises:
+        ValueError: naming the row index, the field and the offending value.
+    """
+    schema = _resolve_schema(schema)
+    names = set(schema.names)
+    columns: dict[str, list] = {n: [] for n in schema.names}
+    for r, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"row {r}: expected a dict, got {_describe(row)}")
+        extra = set(row) - names
+        if extra:
+            raise ValueError(f"row {r}: unknown fields {sorted(extra)}; schema has {schema.names}")
+        for field in schema:
+            value = row.get(field.name)
+            if value is None and not field.nullable:
+                raise ValueError(f"row {r}: required field {field.name!r} is missing or None")
+            _check_value(value, field.type, f"row {r}, field {field.name!r}")
+            columns[field.name].append(value)
+    arrays = []
+    for field in schema:
+        try:
+            arrays.append(pa.array(columns[field.name], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+            raise ValueError(f"field {field.name!r}: {exc}") from exc
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_table(
+    uri: str | os.PathLike,
+    rows: list[Mapping[str, Any]] | pa.Table,
+    schema: pa.Schema | str,
+    compression: str = "zstd",
+) -> None:
+    """Validate ``rows`` against ``schema`` and write one Parquet file atomically.
+
+    Args:
+        uri: destination file (local path, ``file://`` or ``s3://``), e.g. ``.../part-00003.parquet``.
+        rows: list of dicts (one per row), or a ``pyarrow.Table`` that is cast to ``schema``.
+        schema: a ``pyarrow.Schema`` or a name registered in :data:`SCHEMAS`.
+        compression: Parquet codec.
+
+    Raises:
+        ValueError: a row does not fit the schema; nothing is written.
+    """
+    schema = _resolve_schema(schema)
+    if isinstance(rows, pa.Table):
+        try:
+            table = rows.select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            raise ValueError(f"table does not fit schema {schema.names}: {exc}") from exc
+    else:
+        table = validate_rows(list(rows), schema)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=compression)
+    storage.atomic_write_bytes(uri, sink.getvalue())
+
+
+def _is_glob(uri: str) -> bool:
+    return any(c in uri for c in "*?[")
+
+
+def _shard_uris(uri: str) -> list[str]:
+    if _is_glob(uri):
+        return storage.glob(uri)
+    if storage.isdir(uri):
+        out = []
+        for child in storage.listdir(uri):
+            name = child.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".parquet") and not name.startswith((".", "_")):
+                out.append(child)
+        return sorted(out)
+    return [uri]
+
+
+def read_table(uri: str | os.PathLike, schema: pa.Schema | str | None = None) -> pa.Table:
+    """Read a Parquet file, a directory of shards or a glob into one table.
+
+    Args:
+        uri: file, directory (its ``*.parquet``, e.g. ``part-*.parquet``) or glob pattern.
+        schema: when given, every shard is conformed to it (columns missing from older shards
+            become nulls, columns are cast), and an empty directory / glob gives an empty table;
+            otherwise shard schemas are unified (``promote_options="default"``).
+
+    Raises:
+        FileNotFoundError: nothing to read (and no ``schema`` given).
+        ValueError: a shard is not Parquet or does not fit ``schema`` (message names it).
+    """
+    uri = os.fspath(uri)
+    target = _resolve_schema(schema) if schema is not None else None
+    if not _is_glob(uri) and not storage.exists(uri):
+        if target is not None:
+            return target.empty_table()
+        raise FileNotFoundError(f"no manifest at {uri}")
+    shards = _shard_uris(uri)
+    if not shards:
+        if target is not None:
+            return target.empty_table()
+        raise FileNotFoundError(f"no Parquet files at {uri}")
+    tables = []
+    for shard in shards:
+        try:
+            t = pq.read_table(pa.BufferReader(storage.read_bytes(shard)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{shard}: not a readable Parquet file: {exc}") from exc
+        if target is not None:
+            t = _conform(t, target, shard)
+        tables.append(t)
+    if target is not None:
+        return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    arrays = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table[field.name]
+            try:
+                arrays.append(col.cast(field.type) if col.type != field.type else col)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise ValueError(f"{where}: column {field.name!r} {col.type} does not cast to "
+                                 f"{field.type}: {exc}") from exc
+        elif field.nullable:
+            arrays.append(pa.nulls(table.num_rows, type=field.type))
+        else:
+            raise ValueError(f"{where}: required column {field.name!r} is missing")
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def read_manifest_dedup(
+    uri: str | os.PathLike, key: str = "sample_id", schema: pa.Schema | str | None = None
+) -> pa.Table:
+    """:func:`read_table`, keeping only the last row of each ``key`` value.
+
+    "Last" is in shard file-name order, then row order; kept rows stay in their original order.
+    """
+    table = read_table(uri, schema=schema)
+    if key not in table.column_names:
+        raise ValueError(f"dedup key {key!r} not in manifest columns {table.column_names}")
+    if table.num_rows == 0:
+        return table
+    idx_name = "__fcas_row__"
+    indexed = table.append_column(idx_name, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    last = indexed.group_by(key, use_threads=False).aggregate([(idx_name, "max")])
+    keep = np.sort(last[f"{idx_name}_max"].to_numpy())
+    return table.take(pa.array(keep))
+
+
+def map_to_dict(value) -> dict | None:
+    """A map cell as read back (list of ``(key, value)`` pairs) -> dict; None stays None."""
+    if value is None:
+        return None
+    return dict(value)

@@ -1,0 +1,242 @@
+"""Storage helpers over fsspec: one API for local paths, ``file://`` and ``s3://`` URIs.
+
+Every function takes a URI (or a plain local path) and returns URIs in the same form as given,
+so ``join("s3://b/run", "x.nii.gz")`` gives ``"s3://b/run/x.nii.gz"`` and ``glob("out/*.nii")``
+gives ``"out/a.nii"``.
+
+S3 goes through s3fs. Endpoint and credentials come from the environment only, never from
+configs: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO, moto, Ceph, ...),
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` and
+``AWS_DEFAULT_REGION`` / ``AWS_REGION``; without them botocore's usual chain (profiles,
+instance roles) applies. The endpoint is passed to s3fs explicitly because s3fs does not read
+``AWS_ENDPOINT_URL`` itself. s3fs listing caches are switched off (``use_listings_cache=False``):
+many processes write the same prefixes, and a cached listing would hide their files.
+
+Writes are atomic: :func:`atomic_write_bytes` writes a temporary file in the destination
+directory and ``os.replace``-s it locally; on object stores a single PUT (or a multipart
+upload, completed in one call) never exposes a partial object.
+
+Thin glue over fsspec, hand-written here.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+__all__ = [
+    "get_fs",
+    "s3_storage_options",
+    "is_local",
+    "join",
+    "exists",
+    "isdir",
+    "makedirs",
+    "read_bytes",
+    "atomic_write_bytes",
+    "listdir",
+    "glob",
+    "remove",
+    "open_file",
+]
+
+_LOCAL_PROTOCOLS = ("file", "local")
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _protocol(uri: str) -> str | None:
+    protocol, _ = split_protocol(str(uri))
+    return protocol
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    """True for a plain path or a ``file://`` URI."""
+    protocol = _protocol(os.fspath(uri))
+    return protocol is None or protocol in _LOCAL_PROTOCOLS
+
+
+def s3_storage_options() -> dict[str, Any]:
+    """s3fs keyword arguments read from the environment (never from configs).
+
+    Returns a dict for ``s3fs.S3FileSystem``: ``endpoint_url`` from ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``, ``key`` / ``secret`` / ``token`` from the ``AWS_*`` credential
+    variables and ``client_kwargs.region_name`` from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``;
+    unset variables are left to botocore's default chain.
+    """
+    env = os.environ
+    opts: dict[str, Any] = {"use_listings_cache": False}
+    client_kwargs: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+        client_kwargs["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        opts["key"] = env["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+        if env.get("AWS_SESSION_TOKEN"):
+            opts["token"] = env["AWS_SESSION_TOKEN"]
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def get_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and protocol-less path for ``uri``.
+
+    Args:
+        uri: a local path, ``file://`` URI, ``s3://bucket/key`` or any fsspec URI.
+
+    Returns:
+        ``(fs, path)``: for local input ``path`` is absolute; for S3 it is ``"bucket/key"``.
+        fsspec caches instances by their options, so a changed endpoint or credential in the
+        environment yields a new S3 filesystem.
+    """
+    uri = os.fspath(uri)
+    if not uri:
+        raise ValueError("empty URI")
+    protocol = _protocol(uri)
+    if protocol is None or protocol in _LOCAL_PROTOCOLS:
+        fs = fsspec.filesystem("file")
+    elif protocol in _S3_PROTOCOLS:
+        fs = fsspec.filesystem("s3", **s3_storage_options())
+    else:
+        fs = fsspec.filesystem(protocol)
+    return fs, fs._strip_protocol(uri)
+
+
+def _to_uri(path: str, like: str) -> str:
+    """Turn a protocol-less ``path`` from fsspec into the form of ``like``."""
+    protocol = _protocol(like)
+    if protocol is None:
+        # plain local path: relative input stays relative to the current directory
+        return path if os.path.isabs(like) else os.path.relpath(path)
+    if protocol in _LOCAL_PROTOCOLS:
+        return f"{protocol}://{path}"
+    return f"{protocol}://{path.lstrip('/')}"
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path components onto a URI or local path (``/`` for URIs, ``os.path`` locally).
+
+    Parts must be relative: an absolute part or one with a protocol raises ``ValueError``
+    instead of silently replacing the base as ``os.path.join`` would.
+    """
+    uri = os.fspath(uri)
+    for p in parts:
+        p = os.fspath(p)
+        if p.startswith("/") or _protocol(p) is not None:
+            raise ValueError(f"join: part {p!r} must be a relative path (base {uri!r})")
+    if _protocol(uri) is None:
+        return os.path.join(uri, *parts)
+    clean = [os.fspath(p).strip("/") for p in parts if os.fspath(p).strip("/")]
+    if not clean:
+        return uri
+    return posixpath.join(uri.rstrip("/") if not uri.endswith("://") else uri, *clean)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """True when a file or directory (prefix on S3) exists at ``uri``."""
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def isdir(uri: str | os.PathLike) -> bool:
+    """True when ``uri`` is a directory (a non-empty prefix or bucket on S3)."""
+    fs, path = get_fs(uri)
+    return fs.isdir(path)
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    """Create a directory and its parents; no-op when it exists (and for S3 prefixes)."""
+    fs, path = get_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """Whole content of the file at ``uri``; ``FileNotFoundError`` naming it when missing."""
+    fs, path = get_fs(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no such file: {os.fspath(uri)}") from exc
+    except IsADirectoryError as exc:
+        raise IsADirectoryError(f"is a directory, not a file: {os.fspath(uri)}") from exc
+
+
+def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to ``uri`` so that readers see either the old file or the whole new one.
+
+    Local: the parent directory is created, the bytes go to a hidden temporary file in the same
+    directory (``.<name>.<random>.tmp``), are flushed and fsync-ed, then ``os.replace``-d onto the
+    final name; on any error the temporary file is removed and no file appears under the final
+    name (an existing one is left untouched). Object stores: one ``pipe_file`` call, a single PUT
+    (multipart completed in one request above 100 MiB), which S3 makes visible atomically.
+    """
+    uri = os.fspath(uri)
+    fs, path = get_fs(uri)
+    if is_local(uri):
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return
+    fs.pipe_file(path, bytes(data))
+    fs.invalidate_cache(path)
+
+
+def listdir(uri: str | os.PathLike) -> list[str]:
+    """Sorted URIs of the direct children of directory ``uri``, in the form of ``uri``."""
+    uri = os.fspath(uri)
+    fs, path = get_fs(uri)
+    fs.invalidate_cache(path)
+    entries = fs.ls(path, detail=False)
+    # object stores may list the prefix itself; drop it
+    own = path.rstrip("/")
+    return sorted(_to_uri(p, uri) for p in entries if p.rstrip("/") != own)
+
+
+def glob(pattern: str | os.PathLike) -> list[str]:
+    """Sorted URIs matching a glob ``pattern`` (``*``, ``?``, ``[...]``, ``**``), in its form."""
+    pattern = os.fspath(pattern)
+    fs, path = get_fs(pattern)
+    fs.invalidate_cache()
+    return sorted(_to_uri(p, pattern) for p in fs.glob(path))
+
+
+def remove(uri: str | os.PathLike, recursive: bool = False, missing_ok: bool = False) -> None:
+    """Delete the file (or, with ``recursive=True``, the directory tree) at ``uri``."""
+    fs, path = get_fs(uri)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise FileNotFoundError(f"no such file: {os.fspath(uri)}") from None
+    finally:
+        fs.invalidate_cache(path)
+
+
+def open_file(uri: str | os.PathLike, mode: str = "rb", **kwargs: Any):
+    """``fs.open`` on ``uri``: a file object for streaming reads (e.g. headers only).
+
+    Writes through this bypass the atomic path; prefer :func:`atomic_write_bytes`.
+    """
+    fs, path = get_fs(uri)
+    return fs.open(path, mode, **kwargs)
