@@ -1,0 +1,123 @@
+"""MGM configuration: the Hydra group ``configs/mgm/`` resolved into one frozen dataclass.
+
+``load_mgm_config("default")`` reads ``configs/mgm/default.yaml``; :meth:`MGMConfig.from_dict` takes
+the same mapping from a composed Hydra config (``cfg.mgm``). Unknown keys and invalid values raise
+``ValueError`` naming the field (``mgm.ranges.zeta_mm: low ...``). Hand-written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from fcas.deform.mgm import CLOSINGS
+from fcas.deform.params import MGMRanges
+from fcas.deform.qc import QCThresholds
+from fcas.labels import CONFIG_DIR
+
+__all__ = ["MGMConfig", "load_mgm_config", "KEEPS", "ON_FAIL"]
+
+KEEPS = ("cardiac", "all")
+ON_FAIL = ("keep_last", "identity")
+
+
+@dataclass(frozen=True)
+class MGMConfig:
+    """Everything MGM needs besides the mask.
+
+    Attributes:
+        ranges: parameter sampling ranges (:class:`MGMRanges`).
+        closing: ``"closing"`` (size-preserving), ``"maxpool"`` (the paper's Eq. 6) or ``"none"``.
+        closed_classes: ``"all"`` classes present, or ``"cardiac"`` only (surroundings unclosed).
+        keep: ``"cardiac"`` -- the template is reduced to the eight cardiac classes first (the
+            reference mask M_A of the seed); ``"all"`` -- surroundings are deformed too.
+        qc: QC thresholds (:class:`QCThresholds`).
+        max_tries: draws per sample before giving up (each try t uses ``(run_seed, sample_id, t)``).
+        on_fail: after ``max_tries`` failures keep the last draw (flagged ``qc_passed=0``) or return
+            the template itself (``identity``, flagged ``mgm_fallback=1``).
+        num_threads: gather threads per call.
+    """
+
+    ranges: MGMRanges = field(default_factory=MGMRanges)
+    closing: str = "closing"
+    closed_classes: str = "all"
+    keep: str = "cardiac"
+    qc: QCThresholds = field(default_factory=QCThresholds)
+    max_tries: int = 5
+    on_fail: str = "keep_last"
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.closing not in CLOSINGS:
+            raise ValueError(f"mgm.closing must be one of {CLOSINGS}, got {self.closing!r}")
+        if self.closed_classes not in ("all", "cardiac"):
+            raise ValueError(f"mgm.closed_classes must be 'all' or 'cardiac', got {self.closed_classes!r}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"mgm.keep must be one of {KEEPS}, got {self.keep!r}")
+        if self.on_fail not in ON_FAIL:
+            raise ValueError(f"mgm.on_fail must be one of {ON_FAIL}, got {self.on_fail!r}")
+        for name in ("max_tries", "num_threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"mgm.{name} must be an integer >= 1, got {v!r}")
+            object.__setattr__(self, name, int(v))
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> "MGMConfig":
+        """Build from a plain dict or an OmegaConf ``DictConfig`` (``cfg.mgm``)."""
+        if d is not None and hasattr(d, "items") and not isinstance(d, dict):
+            d = {k: v for k, v in d.items()}  # DictConfig -> dict (values converted below)
+        d = _plain(dict(d or {}))
+        d.pop("name", None)  # a group file may carry its own name
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"mgm: unknown fields {unknown}; known: {sorted(known)}")
+        if "ranges" in d:
+            d["ranges"] = MGMRanges.from_dict(d["ranges"])
+        if "qc" in d:
+            d["qc"] = QCThresholds.from_dict(d["qc"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["ranges"] = self.ranges.to_dict()
+        qc = {f.name: getattr(self.qc, f.name) for f in fields(self.qc)}
+        qc["volume_ratio"] = list(qc["volume_ratio"])
+        qc["adjacency"] = [list(p) for p in qc["adjacency"]]
+        if not isinstance(qc["classes"], str):
+            qc["classes"] = list(qc["classes"])
+        out["qc"] = qc
+        return out
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config (stamped into manifest rows)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(v):
+    """OmegaConf containers / tuples -> plain dicts and lists."""
+    if hasattr(v, "items"):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) or (hasattr(v, "__iter__") and hasattr(v, "__len__") and not isinstance(v, (str, bytes))):
+        return [_plain(x) for x in v]
+    return v
+
+
+@lru_cache(maxsize=16)
+def load_mgm_config(name_or_path: str = "default") -> MGMConfig:
+    """``configs/mgm/<name>.yaml`` (or a YAML path) -> :class:`MGMConfig`."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / "mgm" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "mgm").glob("*.yaml"))
+        raise ValueError(f"unknown MGM config {name_or_path!r}; known: {known}")
+    with open(path) as fh:
+        return MGMConfig.from_dict(yaml.safe_load(fh) or {})
