@@ -1,0 +1,1 @@
+"""TCDM diffusion: condition building, losses (Eq. 3-4), pair sampling, scheduler glue, sampling."""

@@ -1,0 +1,338 @@
+"""The TCDM training loop (plain PyTorch; Ray Train wiring lives in :mod:`fcas.pipeline.train_tcdm`).
+
+One step on every worker: draw ``batch_pairs`` random ordered pairs ``(a, b)`` from
+``rng([seed, step, rank])``, crop both cases at one window, encode the targets with the frozen VAE,
+build ``c_raw`` for both directions and minimise the bidirectional loss (seed Eq. 4) with AdamW.
+Rank 0 writes a checkpoint folder every ``checkpoint_every`` steps; a restart resumes from the latest
+complete one. Because every draw is keyed by ``(seed, step, rank)``, a resumed run follows the same
+trajectory as an uninterrupted one.
+
+``unet_mode``: ``joint`` trains UNet and ControlNet together; ``pretrain_freeze`` (MAISI's recipe)
+first trains the UNet alone (unconditional) for ``pretrain_steps``, then freezes it and trains the
+ControlNet. The hooks ``wrap_model`` (e.g. Ray's ``prepare_model`` / DDP) and ``report`` are
+injected by the caller.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from fcas.diffusion.conditioning import ConditionConfig, build_c_raw
+from fcas.diffusion.data import CaseArrays, load_cases, pair_batch
+from fcas.diffusion.losses import bidirectional_loss, p_losses
+from fcas.diffusion.pairs import sample_pairs, step_rng
+from fcas.diffusion.schedulers import SchedulerConfig, build_train_scheduler
+from fcas.models.bundle import load_vae
+from fcas.models.checkpoint import (
+    checkpoint_dir,
+    config_hash,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_into,
+    save_checkpoint,
+)
+from fcas.io import storage
+from fcas.models.networks import ModelConfig, build_tcdm
+from fcas.models.vae import compute_scale_factor, vae_encode
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TCDMSettings", "train_tcdm_loop", "ARCH_KEYS"]
+
+ARCH_KEYS = ("model", "condition", "scheduler", "shape")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_pairs: int = 1  # pairs per worker and step; bidirectional doubles the samples
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    crop: tuple[int, int, int] | None = None  # training crop in voxels (multiples of 4); None = whole
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3  # 0 keeps all
+    bidirectional: bool = True
+    unet_mode: str = "joint"  # 'joint' | 'pretrain_freeze'
+    pretrain_steps: int = 0
+    amp: bool = True  # used only on CUDA
+    grad_clip: float = 1.0
+    scale_factor_cases: int = 8
+
+    def __post_init__(self) -> None:
+        if self.crop is not None:
+            object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+        if self.unet_mode not in ("joint", "pretrain_freeze"):
+            raise ValueError(f"unknown unet_mode {self.unet_mode!r}; use 'joint' or 'pretrain_freeze'")
+        if self.steps < 0 or self.batch_pairs < 1 or self.checkpoint_every < 1:
+            raise ValueError(
+                f"need steps >= 0, batch_pairs >= 1, checkpoint_every >= 1; got {self.steps}, "
+                f"{self.batch_pairs}, {self.checkpoint_every}"
+            )
+
+
+def _build(cls, d: Mapping[str, Any] | None):
+    d = dict(d or {})
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class TCDMSettings:
+    """Resolved configuration of one TCDM training run (built once on the driver)."""
+
+    data: str
+    out: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    vae: str | None = None
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TCDMSettings":
+        d = dict(d)
+        return cls(
+            data=str(d["data"]),
+            out=str(d["out"]),
+            shape=tuple(int(v) for v in d["shape"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            vae=d.get("vae"),
+            preset=str(d.get("preset", "custom")),
+            model=ModelConfig.from_dict(d.get("model") or {}),
+            condition=_build(ConditionConfig, d.get("condition")),
+            scheduler=_build(SchedulerConfig, d.get("scheduler")),
+            train=_build(TrainConfig, d.get("train")),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return _plain(d)
+
+    def arch(self) -> dict:
+        d = self.to_dict()
+        return {k: d[k] for k in ARCH_KEYS}
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _torch_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(step_rng(seed, step, rank).integers(0, 2**62)))
+    return g
+
+
+class _UnconditionalUNet(torch.nn.Module):
+    """Adapter so the UNet alone fits ``p_losses``'s ``model(z_t, t, c_raw)`` (pretraining stage)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, z_t, t, c_raw=None):
+        return self.unet(z_t, t)
+
+
+def _default_report(metrics: dict, checkpoint_uri: str | None = None) -> None:
+    return None
+
+
+def train_tcdm_loop(
+    settings: TCDMSettings,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+    report: Callable[..., None] = _default_report,
+    progress: bool = True,
+    cases: CaseArrays | None = None,
+) -> dict:
+    """Run (or resume) training up to ``settings.train.steps``; returns a summary dict.
+
+    ``report(metrics, checkpoint_uri=None)`` is called every step on every rank (Ray Train needs
+    all ranks to report). Checkpoints go to ``settings.out/step_XXXXXXXXX``.
+    """
+    tc = settings.train
+    device = torch.device(device)
+    cond = settings.condition
+    schema = cond.label_schema
+    if cases is None:
+        cases = load_cases(settings.data, settings.shape, settings.spacing, split="train")
+    if len(cases) < 2:
+        raise ValueError(f"TCDM training needs >= 2 cases, {settings.data!r} gave {len(cases)}")
+    if tuple(cases.shape) != tuple(settings.shape) and tc.crop is None:
+        raise ValueError(f"cases have grid {cases.shape}, the preset expects {settings.shape}")
+
+    # ---- networks (same init on every rank; DDP broadcasts rank 0's anyway) ----
+    vae, vae_cfg, scale_factor, vae_digest = load_vae(settings.vae, settings.model.vae, seed=tc.seed)
+    if vae_cfg != settings.model.vae:
+        settings = TCDMSettings(**{**settings.__dict__, "model": ModelConfig(settings.model.name, vae_cfg, settings.model.unet)})
+    vae.to(device)
+    torch.manual_seed(tc.seed)
+    model = build_tcdm(settings.model, cond.channels).to(device)
+    scheduler = build_train_scheduler(settings.scheduler)
+
+    # ---- resume ----
+    start_step, history, opt_state, stage_at_ckpt = 0, {"step": [], "loss": []}, None, None
+    latest = latest_checkpoint(settings.out)
+    if latest is not None:
+        ck = load_checkpoint(latest)
+        theirs = {k: ck.config.get(k) for k in ARCH_KEYS}
+        if config_hash(theirs) != config_hash(settings.arch()):
+            raise ValueError(
+                f"checkpoint {latest} was trained with a different model/condition/scheduler/shape; "
+                f"use another out= or the same settings"
+            )
+        load_into(model.unet, ck.state_dict("unet"), storage.join(latest, "unet.pt"))
+        load_into(model.controlnet, ck.state_dict("controlnet"), storage.join(latest, "controlnet.pt"))
+        opt_state = ck.state_dict("optimizer")
+        hist = ck.state_dict("history") if "history" in ck.files else {}
+        history = {k: [float(x) for x in v.tolist()] for k, v in hist.items()} or history
+        scale_factor = float(ck.config["scale_factor"])
+        stage_at_ckpt = ck.config.get("stage")
+        start_step = ck.step
+        if rank == 0:
+            log.info("resuming from %s at step %d", latest, start_step)
+    if scale_factor is None:
+        k = min(tc.scale_factor_cases, len(cases))
+        scale_factor = compute_scale_factor(vae, cases.images[:k].to(device))
+
+    # ---- latent cache (frozen VAE; only without crops) ----
+    latents = None
+    if tc.crop is None:
+        with torch.no_grad():
+            latents = torch.cat([vae_encode(vae, cases.images[i:i + 1].to(device), scale_factor) for i in range(len(cases))])
+
+    def stage_of(step: int) -> str:
+        return "unet" if tc.unet_mode == "pretrain_freeze" and step < tc.pretrain_steps else "tcdm"
+
+    use_amp = tc.amp and device.type == "cuda"
+    state = {"stage": None, "module": None, "opt": None}
+
+    def enter_stage(stage: str, opt_sd=None):
+        if stage == "unet":
+            model.unet.requires_grad_(True)
+            model.controlnet.requires_grad_(False)
+            trainable = _UnconditionalUNet(model.unet)
+        else:
+            model.controlnet.requires_grad_(True)
+            model.unet.requires_grad_(tc.unet_mode == "joint")
+            trainable = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        if opt_sd is not None:
+            opt.load_state_dict(opt_sd)
+        state.update(stage=stage, module=wrap_model(trainable), opt=opt)
+
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    first = stage_of(start_step)
+    enter_stage(first, opt_state if (opt_state is not None and stage_at_ckpt in (None, first)) else None)
+
+    def save(step: int) -> str:
+        uri = checkpoint_dir(settings.out, step)
+        config = {**settings.to_dict(), "scale_factor": scale_factor, "vae_digest": vae_digest,
+                  "stage": state["stage"], "config_hash": config_hash(settings.to_dict())}
+        save_checkpoint(
+            uri,
+            config=config,
+            state_dicts={
+                "unet": model.unet.state_dict(),
+                "controlnet": model.controlnet.state_dict(),
+                "vae": vae.state_dict(),
+                "optimizer": state["opt"].state_dict(),
+                "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in history.items()},
+            },
+            step=step,
+        )
+        if tc.keep_checkpoints > 0:
+            for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
+                storage.remove(old, recursive=True, missing_ok=True)
+        return uri
+
+    bar = None
+    if progress and rank == 0 and start_step < tc.steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start_step, desc="train_tcdm", unit="step", dynamic_ncols=True)
+    samples_per_step = tc.batch_pairs * (2 if tc.bidirectional else 1) * world_size
+    t_start, steps_done, last_loss = time.perf_counter(), 0, float("nan")
+    for step in range(start_step + 1, tc.steps + 1):
+        if stage_of(step - 1) != state["stage"]:
+            enter_stage(stage_of(step - 1))
+        t0 = time.perf_counter()
+        rng = step_rng(tc.seed, step, rank)
+        gen = _torch_generator(tc.seed, step, rank, device)
+        pairs = sample_pairs(len(cases), tc.batch_pairs, rng)
+        batch = pair_batch(cases, pairs, tc.crop, rng)
+        with torch.no_grad():
+            if latents is not None:
+                z_a, z_b = latents[pairs[:, 0]], latents[pairs[:, 1]]
+            else:
+                z_a = vae_encode(vae, batch["image_a"].to(device), scale_factor)
+                z_b = vae_encode(vae, batch["image_b"].to(device), scale_factor)
+            lab_a, lab_b = batch["label_a"].to(device), batch["label_b"].to(device)
+            img_a, img_b = batch["image_a"].to(device), batch["image_b"].to(device)
+            c_ba = build_c_raw(lab_a, lab_b, img_b, schema, cond.encoding, cond.mask_only)
+            c_ab = build_c_raw(lab_b, lab_a, img_a, schema, cond.encoding, cond.mask_only) if tc.bidirectional else None
+        amp_ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+        with amp_ctx:
+            loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen)
+        opt = state["opt"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tc.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        dt = time.perf_counter() - t0
+        last_loss = float(loss.detach())
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"loss is {last_loss} at step {step}")
+        history["step"].append(float(step))
+        history["loss"].append(last_loss)
+        steps_done += 1
+        ck_uri = None
+        if rank == 0 and (step % tc.checkpoint_every == 0 or step == tc.steps):
+            ck_uri = save(step)
+        metrics = {"step": step, "loss": last_loss, "stage": state["stage"], "step_time_s": dt,
+                   "samples_per_s": samples_per_step / dt, **parts}
+        report(metrics, checkpoint_uri=ck_uri)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{samples_per_step / dt:.2f}")
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    return {
+        "start_step": start_step,
+        "final_step": max(start_step, tc.steps),
+        "steps_run": steps_done,
+        "last_loss": last_loss,
+        "seconds": elapsed,
+        "samples_per_s": (samples_per_step * steps_done / elapsed) if steps_done else 0.0,
+        "scale_factor": scale_factor,
+        "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
+    }

@@ -1,0 +1,103 @@
+"""Loading trained networks for use: the frozen VAE (our checkpoint, MAISI weights, or random for
+tests) and the full TCDM bundle (VAE + UNet + ControlNet + scheduler/condition settings) that the
+synthesis job samples from. Hand-written glue over :mod:`fcas.models.checkpoint`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fcas.models.checkpoint import Checkpoint, load_checkpoint, load_into
+from fcas.io import storage
+from fcas.models.networks import TCDM, ModelConfig, VAEConfig, build_tcdm, build_vae
+
+__all__ = ["load_vae", "TCDMBundle", "load_tcdm"]
+
+
+def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module, VAEConfig, float | None, str]:
+    """Frozen VAE from ``spec``; returns ``(vae, vae_config, scale_factor or None, digest)``.
+
+    ``spec``: a VAE checkpoint folder URI (``jobs/train_vae.py`` output, its own config wins), or
+    ``maisi:<uri>`` (MAISI's released weights at the MAISI architecture), or ``None`` / ``random``:
+    an untrained VAE seeded by ``seed`` (a fixed deterministic encoder; for tests only).
+    """
+    if spec in (None, "", "random", "none"):
+        warnings.warn("TCDM uses an untrained (random) VAE: fine for tests, useless for images", stacklevel=2)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            vae = build_vae(cfg)
+        digest, scale = f"random:{seed}", None
+    elif str(spec).startswith("maisi:"):
+        from fcas.models.vae import MAISI_VAE, load_maisi_autoencoder
+
+        cfg = MAISI_VAE if cfg.kind != "maisi" else cfg
+        vae = load_maisi_autoencoder(str(spec)[len("maisi:"):], cfg)
+        digest, scale = str(spec), None
+    else:
+        ck = load_checkpoint(str(spec))
+        cfg = ModelConfig.from_dict(ck.config["model"]).vae
+        vae = build_vae(cfg)
+        load_into(vae, ck.state_dict("vae"), storage.join(ck.uri, "vae.pt"))
+        digest, scale = ck.digest, ck.config.get("scale_factor")
+    vae.eval().requires_grad_(False)
+    return vae, cfg, (float(scale) if scale is not None else None), digest
+
+
+@dataclass
+class TCDMBundle:
+    """Everything a sampler needs, loaded from one TCDM checkpoint folder."""
+
+    vae: nn.Module
+    model: TCDM
+    config: dict
+    scale_factor: float
+    digest: str
+    uri: str
+
+    @property
+    def condition(self):
+        from fcas.diffusion.conditioning import ConditionConfig
+
+        return ConditionConfig(**self.config["condition"])
+
+    @property
+    def scheduler(self):
+        from fcas.diffusion.schedulers import SchedulerConfig
+
+        return SchedulerConfig(**self.config["scheduler"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.config["shape"])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.config["spacing"])
+
+    def to(self, device) -> "TCDMBundle":
+        self.vae.to(device)
+        self.model.to(device)
+        return self
+
+
+def load_tcdm(uri: str, map_location: str | torch.device = "cpu") -> TCDMBundle:
+    """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder (eval mode, float32, frozen)."""
+    ck: Checkpoint = load_checkpoint(uri)
+    for key in ("model", "condition", "scheduler", "scale_factor"):
+        if key not in ck.config:
+            raise ValueError(f"{storage.join(uri, 'config.json')} has no {key!r}: not a TCDM checkpoint")
+    from fcas.diffusion.conditioning import ConditionConfig
+
+    mcfg = ModelConfig.from_dict(ck.config["model"])
+    cond = ConditionConfig(**ck.config["condition"])
+    model = build_tcdm(mcfg, cond.channels, init_controlnet_from_unet=False)
+    load_into(model.unet, ck.state_dict("unet", map_location), storage.join(uri, "unet.pt"))
+    load_into(model.controlnet, ck.state_dict("controlnet", map_location), storage.join(uri, "controlnet.pt"))
+    vae = build_vae(mcfg.vae)
+    load_into(vae, ck.state_dict("vae", map_location), storage.join(uri, "vae.pt"))
+    for m in (model, vae):
+        m.float().eval().requires_grad_(False)
+    return TCDMBundle(vae, model, ck.config, float(ck.config["scale_factor"]), ck.digest, uri)

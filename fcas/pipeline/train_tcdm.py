@@ -1,0 +1,164 @@
+"""Ray Train wiring of TCDM (and VAE) training: ``TorchTrainer`` with DDP over CPU or GPU workers.
+
+The loop itself is :func:`fcas.diffusion.training.train_tcdm_loop` (plain PyTorch); this module adds
+the Ray lines: ``prepare_model`` (DDP + device), ``get_context`` (rank, world size) and ``report``
+(metrics every step). Checkpoints are the loop's own folders on any fsspec URI (``out=``), so a
+restarted run -- by Ray's ``FailureConfig`` or by the user rerunning the command -- resumes from the
+latest complete one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Mapping
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+from fcas.pipeline.ray_env import ensure_ray
+
+log = logging.getLogger(__name__)
+
+__all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks"]
+
+
+def _plain(cfg) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:
+    """Hydra config (``configs/train_tcdm.yaml``) -> frozen :class:`TCDMSettings`."""
+    c = _plain(cfg)
+    preset = c["preset"]
+    train = dict(c.get("train") or {})
+    if train.get("crop") is None and preset.get("train_crop") is not None:
+        train["crop"] = preset["train_crop"]
+    return TCDMSettings.from_dict(
+        {
+            "data": c["data"],
+            "out": c["out"],
+            "shape": preset["shape"],
+            "spacing": preset["spacing"],
+            "preset": preset.get("name", "custom"),
+            "vae": c.get("vae"),
+            "model": c["model"],
+            "condition": c.get("condition"),
+            "scheduler": c.get("scheduler"),
+            "train": train,
+        }
+    )
+
+
+def worker_hooks() -> tuple[int, int, torch.device, Callable, Callable]:
+    """Inside a Ray Train worker: ``(rank, world_size, device, wrap_model, report)``."""
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if ctx.get_world_size() == 1:
+            return module.to(device)
+        return ray.train.torch.prepare_model(module, move_to_device=device)
+
+    def report(metrics: dict, checkpoint_uri: str | None = None) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        if checkpoint_uri:
+            clean["checkpoint_uri"] = checkpoint_uri
+        ray.train.report(clean)
+
+    return ctx.get_world_rank(), ctx.get_world_size(), device, wrap, report
+
+
+def _inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: int) -> Callable:
+    """Fault injection for restart tests (``trainer.fail_at_step``): every rank raises once, after
+    reporting that step; a marker in ``out`` keeps the restarted attempt from failing again."""
+    if not fail_at_step:
+        return report
+    from fcas.io import storage
+
+    marker = storage.join(out, "_injected_failure")
+    armed = not storage.exists(marker)  # decided before training, identically on every rank
+
+    def wrapped(metrics: dict, checkpoint_uri: str | None = None) -> None:
+        report(metrics, checkpoint_uri)
+        if armed and metrics.get("step") == fail_at_step:
+            if rank == 0:
+                storage.atomic_write_bytes(marker, str(fail_at_step).encode())
+            raise RuntimeError(f"injected failure at step {fail_at_step} (trainer.fail_at_step)")
+
+    return wrapped
+
+
+def _tcdm_worker(config: dict) -> None:
+    settings = TCDMSettings.from_dict(config["settings"])
+    rank, world, device, wrap, report = worker_hooks()
+    report = _inject_failure(report, settings.out, config.get("fail_at_step"), rank)
+    summary = train_tcdm_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
+                              report=report, progress=config.get("progress", True))
+    if summary["steps_run"] == 0:  # nothing left to train: still tell Ray where things stand
+        report({"step": summary["final_step"], "steps_run": 0})
+
+
+def fit(
+    worker: Callable[[dict], None],
+    loop_config: dict,
+    *,
+    name: str,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    address: str | None = None,
+    storage_path: str | None = None,
+    max_failures: int = 0,
+    cpus_per_worker: float = 1.0,
+) -> ray.train.Result:
+    """Run ``worker`` on a Ray Train ``TorchTrainer`` (DDP, gloo on CPU / nccl on GPU)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    ensure_ray(address)
+    storage_path = storage_path or os.path.join(tempfile.gettempdir(), "fcas_ray_train")
+    trainer = ray.train.torch.TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
+    """Train (or resume) TCDM as configured; returns a summary with the latest checkpoint URI."""
+    from fcas.models.checkpoint import latest_checkpoint, load_checkpoint
+
+    settings = tcdm_settings_from_cfg(cfg)
+    c = _plain(cfg)
+    tr = c.get("trainer") or {}
+    result = fit(
+        _tcdm_worker,
+        {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True)),
+         "fail_at_step": tr.get("fail_at_step")},
+        name=f"tcdm-{settings.preset}",
+        num_workers=int(tr.get("num_workers", 2)),
+        use_gpu=bool(tr.get("use_gpu", False)),
+        address=tr.get("address"),
+        storage_path=tr.get("storage_path"),
+        max_failures=int(tr.get("max_failures", 0)),
+    )
+    latest = latest_checkpoint(settings.out)
+    summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest,
+               "step": load_checkpoint(latest).step if latest else 0, "out": settings.out}
+    log.info("train_tcdm: %s", summary)
+    return summary

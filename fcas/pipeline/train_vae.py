@@ -1,0 +1,50 @@
+"""Ray Train wiring of VAE training (same ``fit`` as TCDM; the loop is :func:`fcas.models.vae_training.train_vae_loop`)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from omegaconf import DictConfig
+
+from fcas.models.vae_training import VAESettings, train_vae_loop
+from fcas.pipeline.train_tcdm import _plain, fit, worker_hooks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["vae_settings_from_cfg", "run"]
+
+
+def vae_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> VAESettings:
+    c = _plain(cfg)
+    preset, train = c["preset"], dict(c.get("train") or {})
+    if train.get("crop") is None and preset.get("train_crop") is not None:
+        train["crop"] = preset["train_crop"]
+    return VAESettings.from_dict({
+        "data": c["data"], "out": c["out"], "shape": preset["shape"], "spacing": preset["spacing"],
+        "preset": preset.get("name", "custom"), "model_name": c["model"].get("name", "custom"),
+        "vae": c["model"]["vae"], "train": train,
+    })
+
+
+def _vae_worker(config: dict) -> None:
+    settings = VAESettings.from_dict(config["settings"])
+    rank, world, device, wrap, report = worker_hooks()
+    summary = train_vae_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
+                             report=report, progress=config.get("progress", True))
+    if summary["steps_run"] == 0:
+        report({"step": summary["final_step"], "steps_run": 0})
+
+
+def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
+    from fcas.models.checkpoint import latest_checkpoint
+
+    settings = vae_settings_from_cfg(cfg)
+    tr = _plain(cfg).get("trainer") or {}
+    result = fit(_vae_worker, {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True))},
+                 name=f"vae-{settings.preset}", num_workers=int(tr.get("num_workers", 2)),
+                 use_gpu=bool(tr.get("use_gpu", False)), address=tr.get("address"),
+                 storage_path=tr.get("storage_path"), max_failures=int(tr.get("max_failures", 0)))
+    summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest_checkpoint(settings.out),
+               "out": settings.out}
+    log.info("train_vae: %s", summary)
+    return summary

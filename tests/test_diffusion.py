@@ -1,0 +1,160 @@
+"""TCDM condition (Eq. 1), losses (Eq. 3-4), pair sampling and scheduler glue."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fcas.diffusion.conditioning import build_c_raw, condition_channels, hu_to_unit, unit_to_hu
+from fcas.diffusion.losses import bidirectional_loss, p_losses, q_sample
+from fcas.diffusion.pairs import sample_pairs, step_rng
+from fcas.diffusion.schedulers import SchedulerConfig, build_sampling_scheduler, build_train_scheduler
+from fcas.labels import default_schema, from_bits, from_onehot
+
+torch.set_num_threads(1)
+SCHEMA = default_schema()
+
+
+def random_masks(b=2, shape=(8, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SCHEMA.max_id + 1, (b, *shape), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "encoding,mask_only,channels",
+    [("bits", False, 2 * 4 + 1), ("bits", True, 4), ("onehot", False, 2 * 12 + 1), ("onehot", True, 12)],
+)
+def test_condition_channel_counts(encoding, mask_only, channels):
+    m_a, m_b = random_masks(seed=1), random_masks(seed=2)
+    img = torch.rand(2, 1, 8, 8, 8)
+    c = build_c_raw(m_a, m_b, img, SCHEMA, encoding, mask_only)
+    assert condition_channels(SCHEMA, encoding, mask_only) == channels
+    assert c.shape == (2, channels, 8, 8, 8) and c.dtype == torch.float32
+
+
+def test_c_raw_bits_round_trip_and_channel_order():
+    m_a, m_b = random_masks(seed=3), random_masks(seed=4)
+    img = torch.rand(2, 1, 8, 8, 8)
+    c = build_c_raw(m_a, m_b, img, SCHEMA, "bits")
+    n = SCHEMA.n_bits
+    # M'_A: the reference mask with every non-cardiac class removed
+    assert torch.equal(from_bits(c[:, :n], channel_dim=1), SCHEMA.cardiac_only(m_a).long())
+    assert not torch.equal(from_bits(c[:, :n], channel_dim=1), m_a.long())  # lung/bone/soft tissue were there
+    # M'_B: the whole template mask, surroundings included
+    assert torch.equal(from_bits(c[:, n:2 * n], channel_dim=1), m_b.long())
+    assert torch.equal(c[:, 2 * n:], img)  # I_B last
+
+
+def test_c_raw_onehot_round_trip():
+    m_a, m_b = random_masks(seed=5), random_masks(seed=6)
+    c = build_c_raw(m_a, m_b, torch.rand(2, 1, 8, 8, 8), SCHEMA, "onehot")
+    k = SCHEMA.max_id + 1
+    assert torch.equal(from_onehot(c[:, :k], channel_dim=1), SCHEMA.cardiac_only(m_a).long())
+    assert torch.equal(from_onehot(c[:, k:2 * k], channel_dim=1), m_b.long())
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (dict(mask_ref=torch.zeros(2, 1, 8, 8, 8, dtype=torch.uint8)), r"mask_ref must be \(B, D, H, W\)"),
+        (dict(mask_tmpl=None), "needs mask_tmpl and image_tmpl"),
+        (dict(mask_tmpl=torch.zeros(2, 8, 8, 4, dtype=torch.uint8)), "mask_tmpl shape"),
+        (dict(image_tmpl=torch.rand(2, 8, 8, 8)), r"image_tmpl must be \(B, 1, D, H, W\)"),
+    ],
+)
+def test_c_raw_errors(args, match):
+    kw = dict(mask_ref=random_masks(), mask_tmpl=random_masks(), image_tmpl=torch.rand(2, 1, 8, 8, 8))
+    kw.update(args)
+    with pytest.raises(ValueError, match=match):
+        build_c_raw(schema=SCHEMA, **kw)
+
+
+def test_hu_scaling_round_trip_and_clipping():
+    hu = torch.tensor([-3000.0, -1000.0, 0.0, 400.0, 1000.0, 2500.0])
+    unit = hu_to_unit(hu)
+    assert torch.allclose(unit, torch.tensor([0.0, 0.0, 0.5, 0.7, 1.0, 1.0]))
+    assert torch.allclose(unit_to_hu(unit), hu.clamp(-1000, 1000))
+    assert hu_to_unit(np.array([0], dtype=np.int16)).dtype == torch.float32
+
+
+# ---- pairs ----------------------------------------------------------------------------------------
+def test_pairs_are_distinct_deterministic_and_cover_all_ordered_pairs():
+    p = sample_pairs(5, 4000, step_rng(0, 1))
+    assert p.shape == (4000, 2) and (p[:, 0] != p[:, 1]).all()
+    assert len({tuple(r) for r in p}) == 5 * 4  # N(N-1) ordered pairs (x2 directions each)
+    assert np.array_equal(p, sample_pairs(5, 4000, step_rng(0, 1)))
+    assert not np.array_equal(p, sample_pairs(5, 4000, step_rng(0, 2)))
+    with pytest.raises(ValueError, match="at least 2 cases"):
+        sample_pairs(1, 3, step_rng(0, 0))
+
+
+# ---- schedulers and losses --------------------------------------------------------------------------
+def test_q_sample_is_the_ddpm_forward_process():
+    s = build_train_scheduler(SchedulerConfig())
+    z0, noise, t = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2), torch.tensor([0, 500, 999])
+    ab = s.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    assert torch.allclose(q_sample(s, z0, t, noise), ab.sqrt() * z0 + (1 - ab).sqrt() * noise, atol=1e-6)
+
+
+class ZeroModel(torch.nn.Module):
+    def forward(self, z_t, t, c_raw=None):
+        return torch.zeros_like(z_t)
+
+
+def test_p_losses_of_zero_predictor_is_noise_power_and_deterministic():
+    s = build_train_scheduler(SchedulerConfig())
+    z0, c = torch.randn(2, 4, 4, 4, 4), torch.rand(2, 9, 16, 16, 16)
+    l1 = p_losses(ZeroModel(), s, z0, c, torch.Generator().manual_seed(7))
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(l1, noise.pow(2).mean())
+    assert torch.equal(l1, p_losses(ZeroModel(), s, z0, c, torch.Generator().manual_seed(7)))
+
+
+def test_rflow_target_is_clean_minus_noise():
+    s = build_train_scheduler(SchedulerConfig(kind="rflow"))
+    z0 = torch.randn(2, 4, 4, 4, 4)
+    loss = p_losses(ZeroModel(), s, z0, torch.rand(2, 9, 16, 16, 16), torch.Generator().manual_seed(3))
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(loss, (z0 - noise).pow(2).mean())
+
+
+def test_bidirectional_loss_is_sum_of_both_directions():
+    s = build_train_scheduler(SchedulerConfig())
+    z_a, z_b = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4) * 3
+    c_ba, c_ab = torch.rand(2, 9, 16, 16, 16), torch.rand(2, 9, 16, 16, 16)
+    loss, parts = bidirectional_loss(ZeroModel(), s, z_a, z_b, c_ba, c_ab, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(parts["loss_a_at_b"] + parts["loss_b_at_a"], rel=1e-6)
+    one, p1 = bidirectional_loss(ZeroModel(), s, z_a, z_b, c_ba, None, torch.Generator().manual_seed(0))
+    assert set(p1) == {"loss_b_at_a"}
+
+
+@pytest.mark.parametrize("kind,sampler", [("ddpm", "rflow"), ("rflow", "ddim")])
+def test_sampler_must_fit_training_scheduler(kind, sampler):
+    with pytest.raises(ValueError, match="does not fit"):
+        build_sampling_scheduler(SchedulerConfig(kind=kind), sampler, 10)
+
+
+def test_loss_decreases_on_one_fixed_batch_at_tiny():
+    import yaml
+
+    from fcas.labels import CONFIG_DIR
+    from fcas.models.networks import ModelConfig, build_tcdm
+
+    with open(CONFIG_DIR / "model" / "tiny.yaml") as fh:
+        cfg = ModelConfig.from_dict(yaml.safe_load(fh))
+    torch.manual_seed(0)
+    model = build_tcdm(cfg, 9)
+    s = build_train_scheduler(SchedulerConfig())
+    z_a, z_b = torch.randn(1, 4, 8, 8, 8), torch.randn(1, 4, 8, 8, 8)
+    m_a, m_b = random_masks(1, (32, 32, 32), 1), random_masks(1, (32, 32, 32), 2)
+    i_a, i_b = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    c_ba, c_ab = build_c_raw(m_a, m_b, i_b, SCHEMA), build_c_raw(m_b, m_a, i_a, SCHEMA)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = bidirectional_loss(model, s, z_a, z_b, c_ba, c_ab, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
