@@ -65,8 +65,13 @@ def test_controlnet_starts_as_copy_of_unet_and_with_zero_residuals():
     shared = [k for k in c if k in u]
     assert len(shared) > 10 and all(torch.equal(u[k], c[k]) for k in shared)
     z_t, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([500])
-    with torch.no_grad():  # zero-initialised ControlNet outputs: the condition has no effect yet
-        assert torch.equal(model(z_t, t, torch.rand(1, 9, 32, 32, 32)), model.unet(z_t, t))
+    with torch.no_grad():
+        for p in model.unet.out.parameters():  # MONAI zero-initialises the UNet output conv too
+            p.normal_(0, 0.1)
+        plain = model.unet(z_t, t)
+        assert plain.abs().max() > 0
+        # zero-initialised ControlNet outputs: the condition has no effect yet
+        assert torch.equal(model(z_t, t, torch.rand(1, 9, 32, 32, 32)), plain)
 
 
 def test_condition_at_wrong_resolution_is_refused():
