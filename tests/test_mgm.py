@@ -11,7 +11,7 @@ import pytest
 from fcas.deform import (CLOSINGS, MGMConfig, MGMParams, MGMRanges, draw_params, load_mgm_config,
                          mgm_deform, param_rng, warp_labels)
 from fcas.deform.field import control_coordinates, dense_coordinates, index_affine
-from fcas.deform.mgm import OFFSET
+from fcas.deform.mgm import OFFSET, OVERLAPS
 from fcas.labels import default_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +112,7 @@ def test_invalid_params_name_the_field(kwargs, field):
 @pytest.mark.parametrize(
     "cfg, field",
     [({"closing": "open"}, "closing"), ({"max_tries": 0}, "max_tries"), ({"keep": "lungs"}, "keep"),
+     ({"overlap": "first"}, "overlap"),
      ({"on_fail": "explode"}, "on_fail"), ({"colsing": "closing"}, "colsing"),
      ({"qc": {"volume_ratio": [1.2, 2.0]}}, "volume_ratio"), ({"qc": {"connectivity": 8}}, "connectivity"),
      ({"qc": {"adjacency": [["left_ventricle"]]}}, "adjacency"), ({"ranges": {"zeta_mm": [3, 1]}}, "zeta_mm")],
@@ -123,7 +124,7 @@ def test_invalid_config_names_the_field(cfg, field):
 
 def test_default_config_loads_and_round_trips():
     cfg = load_mgm_config("default")
-    assert cfg.closing == "closing"  # the measured default (see fcas.deform.mgm docstring)
+    assert (cfg.closing, cfg.overlap) == ("closing", "keep")  # the measured default (fcas.deform.mgm docstring)
     assert MGMConfig.from_dict(cfg.to_dict()) == cfg
     assert len(cfg.digest()) == 16
     for path in sorted((ROOT / "configs" / "mgm").glob("*.yaml")):
@@ -154,16 +155,35 @@ def _random_params(seed: int, **over) -> MGMParams:
     return MGMParams(**p)
 
 
+@pytest.mark.parametrize("overlap", OVERLAPS)
 @pytest.mark.parametrize("closing", CLOSINGS)
 @pytest.mark.parametrize("seed, spacing", [(0, (1.0, 1.0, 1.0)), (1, (0.8, 1.1, 1.6)), (2, (2.0, 1.0, 1.0))])
-def test_fast_path_equals_literal_per_class_formulation(closing, seed, spacing):
+def test_fast_path_equals_literal_per_class_formulation(closing, overlap, seed, spacing):
     """Same coordinates -> per-class map_coordinates + max/min filters + union == one gather + bit closing."""
     mask = _blobs(seed=seed)
     p = _random_params(seed)
-    ours = mgm_deform(mask, spacing, p, closing=closing)
+    ours = mgm_deform(mask, spacing, p, closing=closing, overlap=overlap)
     coords = dense_coordinates(p, mask.shape, spacing, offset=OFFSET) - np.float32(OFFSET)
-    ref = bench.literal_mgm(mask, coords, closing=closing)
+    ref = bench.literal_mgm(mask, coords, closing=closing, overlap=overlap)
     assert np.array_equal(ours, ref), int((ours != ref).sum())
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_surroundings_warped_but_not_closed(overlap):
+    """closed_classes='cardiac': lung/bone/soft tissue are warped only, cardiac classes closed (literal check)."""
+    mask = _blobs(seed=3)
+    mask[mask == 2] = default_schema().id("lung")
+    mask[mask == 4] = default_schema().id("soft_tissue")
+    p = _random_params(3)
+    ours = mgm_deform(mask, 1.0, p, closing="closing", overlap=overlap, closed_classes="cardiac")
+    coords = dense_coordinates(p, mask.shape, 1.0, offset=OFFSET) - np.float32(OFFSET)
+    closed = bench.literal_mgm(default_schema().cardiac_only(mask), coords, closing="closing", overlap=overlap)
+    plain = bench.literal_mgm(mask, coords, closing="none")
+    if overlap == "keep":
+        expect = np.where(plain != 0, plain, closed)
+    else:  # priority among all classes; surroundings rank lowest in the schema
+        expect = np.where(closed != 0, closed, plain)
+    assert np.array_equal(ours, expect)
 
 
 @pytest.mark.parametrize("seed, spacing", [(3, (1.0, 1.0, 1.0)), (4, (0.6, 0.9, 1.7)), (5, (1.5, 1.5, 1.5))])
@@ -177,7 +197,7 @@ def test_affine_only_agrees_with_literal_scipy_reference(seed, spacing, phantom3
     blobs = _blobs(seed=seed)
     for mask, need in ((blobs, 1.0), (phantom32, 0.99)):
         ref = bench.literal_mgm(mask, bench.literal_coordinates(p, mask.shape, spacing), closing="maxpool")
-        ours = mgm_deform(mask, spacing, p, closing="maxpool")
+        ours = mgm_deform(mask, spacing, p, closing="maxpool", overlap="priority")
         assert (ours == ref).mean() >= need
 
 
@@ -248,7 +268,7 @@ def test_large_transform_falls_back_to_clipping():
 def test_closing_variants_relate_as_documented(phantom32):
     """maxpool ⊇ closing ⊇ none per foreground voxel; closing keeps volumes, maxpool grows thin classes."""
     p = draw_params(load_mgm_config().ranges, param_rng(3, 3))
-    none, mp, cl = (mgm_deform(phantom32, 4.0, p, closing=v) for v in ("none", "maxpool", "closing"))
+    none, mp, cl = (mgm_deform(phantom32, 4.0, p, closing=v, overlap="priority") for v in ("none", "maxpool", "closing"))
     assert (mp > 0).sum() >= (cl > 0).sum() >= (none > 0).sum()
     assert not ((none > 0) & (cl == 0)).any() and not ((cl > 0) & (mp == 0)).any()
     cor = default_schema().id("coronary_arteries")
@@ -279,6 +299,7 @@ def test_bad_masks_raise_value_error(mask, match):
     "kwargs, match",
     [({"spacing": (1.0, -1.0, 1.0)}, "spacing"), ({"spacing": (1.0, 1.0)}, "spacing"),
      ({"closing": "dilate"}, "closing"), ({"closed_classes": "lungs"}, "closed_classes"),
+     ({"overlap": "max"}, "overlap"),
      ({"params": {"alpha_mm": 1.0}}, "MGMParams")],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import yaml
 
-from fcas.deform.mgm import CLOSINGS
+from fcas.deform.mgm import CLOSINGS, OVERLAPS
 from fcas.deform.params import MGMRanges
 from fcas.deform.qc import QCThresholds
 from fcas.labels import CONFIG_DIR
@@ -34,6 +34,8 @@ class MGMConfig:
         ranges: parameter sampling ranges (:class:`MGMRanges`).
         closing: ``"closing"`` (size-preserving), ``"maxpool"`` (the paper's Eq. 6) or ``"none"``.
         closed_classes: ``"all"`` classes present, or ``"cardiac"`` only (surroundings unclosed).
+        overlap: ``"keep"`` (warped voxels keep their class, closing fills background) or
+            ``"priority"`` (highest-priority closed class wins), see :func:`mgm_deform`.
         keep: ``"cardiac"`` -- the template is reduced to the eight cardiac classes first (the
             reference mask M_A of the seed); ``"all"`` -- surroundings are deformed too.
         qc: QC thresholds (:class:`QCThresholds`).
@@ -46,6 +48,7 @@ class MGMConfig:
     ranges: MGMRanges = field(default_factory=MGMRanges)
     closing: str = "closing"
     closed_classes: str = "all"
+    overlap: str = "keep"
     keep: str = "cardiac"
     qc: QCThresholds = field(default_factory=QCThresholds)
     max_tries: int = 5
@@ -57,6 +60,8 @@ class MGMConfig:
             raise ValueError(f"mgm.closing must be one of {CLOSINGS}, got {self.closing!r}")
         if self.closed_classes not in ("all", "cardiac"):
             raise ValueError(f"mgm.closed_classes must be 'all' or 'cardiac', got {self.closed_classes!r}")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"mgm.overlap must be one of {OVERLAPS}, got {self.overlap!r}")
         if self.keep not in KEEPS:
             raise ValueError(f"mgm.keep must be one of {KEEPS}, got {self.keep!r}")
         if self.on_fail not in ON_FAIL:

@@ -105,7 +105,7 @@ def mgm_with_qc(
         p = params if (attempt == 0 and params is not None) else draw_params(cfg.ranges, param_rng(run_seed, sample_id, attempt))
         t0 = time.perf_counter()
         out = mgm_deform(mask, spacing, p, closing=cfg.closing, schema=schema,
-                         closed_classes=cfg.closed_classes, num_threads=cfg.num_threads)
+                         closed_classes=cfg.closed_classes, num_threads=cfg.num_threads, overlap=cfg.overlap)
         t1 = time.perf_counter()
         qc = qc_compare(before, mask_stats(out, cfg.qc, schema), cfg.qc, schema)
         t_def += t1 - t0
