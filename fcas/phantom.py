@@ -18,15 +18,17 @@ Anatomy is built in physical millimetres, so any (also anisotropic) spacing give
   wall), each starting inside the aortic root; drawn last with the highest priority;
 * surroundings: lungs with vessels, vertebral body, ribs, sternum (bone, cortical shell), chest
   wall and liver below the diaphragm (soft tissue), descending aorta, SVC, oesophagus, epicardial and
-  mediastinal fat (unlabelled, id 0).
+  mediastinal fat. Label 0 (background) marks tissue the schema has no class for: fat, RV and
+  atrial walls, descending aorta, SVC, oesophagus, air outside the body.
 
 Every surface is perturbed by a smooth random global warp plus per-structure low-frequency bumps
 (sums of random plane waves: resolution independent). The image is a per-class HU table (drawn per
 seed), blurred (partial volume) with correlated Gaussian noise, clipped to [-1024, 3071].
 
-Safety net: each single-component cardiac class keeps its largest 26-connected component and
-coronary components not touching the aorta are dropped; ``PhantomCase.info["fixed_voxels"]``
-counts the voxels this moved (0 on the seeds the tests use).
+Connectivity is 26-connectivity throughout. Safety net: each single-component cardiac class keeps
+its largest component and coronary components not touching the aorta are dropped;
+``PhantomCase.info["fixed_voxels"]`` counts the voxels this moved (at most 2 voxels, on 1 of the
+seeds 0..49 at 64^3; 0 on the others).
 
 Hand-written: neither MONAI nor any other library ships an anatomical heart phantom with coronaries.
 """
@@ -172,11 +174,6 @@ class _Grid:
             d2 = dx[:, None, None, :] + dy[None, :, None, :] + dz[None, None, :, :]
             mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= (d2 <= r * r).any(-1)
 
-    def inside(self, p) -> np.ndarray:
-        lo = self.origin - 0.5 * self.spacing
-        hi = self.origin + (np.asarray(self.shape) - 0.5) * self.spacing
-        return np.all((p >= lo) & (p <= hi), axis=-1)
-
 
 # ---- the heart -------------------------------------------------------------------------------
 class _Heart:
@@ -309,8 +306,19 @@ class _Heart:
         l = np.concatenate([np.full((len(th), 1), uu), (rho - depth)[:, None] * d], -1)
         f = self.fields_local(l, ventricles_only=True)
         is_rv = (f["rv"] < self.wall_rv) & (f["myo"] >= 0)
+        if not is_rv[:5].any():
+            return float("nan")  # no RV at this level (near the apex)
         idx = int(np.argmin(is_rv)) if not is_rv.all() else len(th) - 1
         return float(th[idx])
+
+    def grooves(self, us, side: int, shift_deg: float) -> list[float]:
+        """:meth:`groove` at several levels, NaNs (no RV) replaced by the last valid angle."""
+        out, last = [], np.deg2rad(-70.0 if side < 0 else 65.0)
+        for x in us:
+            t = self.groove(x, side)
+            last = t if np.isfinite(t) else last
+            out.append(last + np.deg2rad(shift_deg))
+        return out
 
 
 def _vessels(h: _Heart, rng, g: float) -> dict:
@@ -398,7 +406,7 @@ def _coronaries(h: _Heart, ves: dict, rng, g: float, r_min: float, step: float):
             os_ = ostium(e, 0.6)
             mid = 0.5 * (os_ + e) - 4.0 * h.R[0]
             out.append(connector(os_, mid, e, 2.4 * g, 2.2 * g))
-            gro = [h.groove(x, -1) + np.deg2rad(-4) for x in (8, 0.35 * L, 0.65 * L, 0.9 * L)]
+            gro = h.grooves((8, 0.35 * L, 0.65 * L, 0.9 * L), -1, -4)
             lad = branch([[u_av, th_lm], [8, gro[0]], [0.35 * L, gro[1]], [0.65 * L, gro[2]],
                           [0.93 * L, gro[3] - np.deg2rad(10)]], 2.0 * g, 1.1 * g)
             lcx_end = np.deg2rad(u(-240, -220))
@@ -414,7 +422,7 @@ def _coronaries(h: _Heart, ves: dict, rng, g: float, r_min: float, step: float):
         else:
             u_rc = h.utv + u(3.0, 5.0)
             th0 = np.deg2rad(u(-50, -35))
-            gp = [h.groove(x, +1) + np.deg2rad(5) for x in (u_rc + 3, 0.35 * L, 0.6 * L)]
+            gp = h.grooves((u_rc + 3, 0.35 * L, 0.6 * L), +1, 5)
             rca = branch([[u_rc, th0], [u_rc, 0.0], [u_rc + 1, 0.5 * gp[0]], [u_rc + 3, gp[0]]], 2.1 * g, 1.5 * g)
             e = rca[0][0]
             os_ = ostium(e, 0.6)
@@ -431,7 +439,7 @@ def _coronaries(h: _Heart, ves: dict, rng, g: float, r_min: float, step: float):
 
 
 # ---- surroundings ------------------------------------------------------------------------------
-def _surroundings(grid: _Grid, rng, heart_env: np.ndarray, ves: dict, hu: dict, extra: np.ndarray) -> dict:
+def _surroundings(grid: _Grid, rng, heart_env: np.ndarray, ves: dict, trees, hu: dict, extra: np.ndarray) -> dict:
     """Masks of lung, bone and soft tissue; paints unlabelled tissue HU into ``extra`` (NaN = class HU)."""
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
     x, y, z = (grid.pts[..., d] for d in range(3))
@@ -509,6 +517,9 @@ def _surroundings(grid: _Grid, rng, heart_env: np.ndarray, ves: dict, hu: dict, 
     grid.splat(med, spts, 12)
     grid.splat(med, ves["ao"], ves["ao_r"] + 5)
     grid.splat(med, ves["pa"], ves["pa_r"] + 4)
+    for tree in trees:  # coronaries run in epicardial fat
+        for pts, r in tree:
+            grid.splat(med, pts[::2], r[::2] + 3.0)
     med |= heart_env | (ev < 1.4)
     # fill the lung slivers between mediastinum, chest wall and diaphragm (closing by distance maps)
     shell = med | (e_in >= 1) | below
@@ -524,7 +535,7 @@ def _surroundings(grid: _Grid, rng, heart_env: np.ndarray, ves: dict, hu: dict, 
     extra[dsc] = hu["blood_l"]
     # pulmonary vessels: a few bright branching tubes inside the lungs
     vmask = np.zeros(grid.shape, bool)
-    for _ in range(int(rng.integers(18, 28))):
+    for _ in range(int(rng.integers(30, 45))):
         side = rng.choice([-1, 1])
         p0 = np.array([xc + side * u(15, 35), yc + u(-25, 25), u(-20, 45)])
         d0 = _unit(rng.normal(size=3) * 0.6 + [side, 0, -0.2])
@@ -589,7 +600,7 @@ def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0)) -> Phantom
     extra = np.full(shape, np.nan, np.float32)
     heart_env = (np.minimum(f["epi"], np.minimum(f["la"], f["ra"]) - heart.wall_a)
                  < rng.uniform(2, 5) + _Waves(rng, 4, (30, 80), 2.0).grid(grid.axes))
-    sur = _surroundings(grid, rng, heart_env, ves, hu, extra)
+    sur = _surroundings(grid, rng, heart_env, ves, trees, hu, extra)
     extra[reg["walls"]] = hu["myo"]
 
     schema = default_schema()
@@ -606,7 +617,8 @@ def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0)) -> Phantom
         hu["fat"], hu["blood_l"], hu["blood_r"], hu["blood_l"], hu["blood_r"], hu["myo"],
         hu["blood_l"] + hu["aorta_boost"], hu["blood_r"], hu["blood_l"], hu["lung"], hu["cancellous"], hu["soft"]]
     mod = _Waves(rng, 4, (50, 120), 12.0).grid(grid.axes)  # smooth contrast inhomogeneity
-    img = lut[label] + np.where(np.isin(label, schema.cardiac_ids), mod, 0)
+    mix = _Waves(rng, 3, (20, 50), 35.0).grid(grid.axes)  # inflow mixing of contrast in the right atrium
+    img = lut[label] + np.where(np.isin(label, schema.cardiac_ids), mod, 0) + np.where(label == _IDS["ra"], mix, 0)
     cardiac = np.isin(label, schema.cardiac_ids)
     use = np.isfinite(extra) & ~cardiac
     img[use] = extra[use]

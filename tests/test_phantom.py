@@ -3,6 +3,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from fcas.labels import default_schema
 from fcas.phantom import HU_MAX, HU_MIN, SINGLE_COMPONENT, check_topology, class_volumes, make_case
@@ -96,7 +97,6 @@ def test_coronaries_lie_outside_the_myocardium_and_are_thin():
     vols = class_volumes(c.label)
     assert 100 < vols["coronary_arteries"] < 0.5 * vols["lv_myocardium"]
     # most coronary voxels have non-cardiac-chamber neighbours (fat): they run on the surface
-    from scipy import ndimage
     shell = ndimage.binary_dilation(cor) & ~cor
     assert (c.label[shell] == 0).mean() > 0.3
 
