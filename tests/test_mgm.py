@@ -122,6 +122,16 @@ def test_invalid_config_names_the_field(cfg, field):
         MGMConfig.from_dict(cfg)
 
 
+def test_config_from_an_omegaconf_node():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(ROOT / "configs" / "mgm" / "default.yaml")
+    node.ranges.alpha_mm = [0.5, 2.0]  # a Hydra override
+    cfg = MGMConfig.from_dict(node)
+    assert cfg.ranges.alpha_mm == (0.5, 2.0) and cfg.ranges.zeta_mm == load_mgm_config().ranges.zeta_mm
+    assert cfg.qc == load_mgm_config().qc
+
+
 def test_default_config_loads_and_round_trips():
     cfg = load_mgm_config("default")
     assert (cfg.closing, cfg.overlap) == ("closing", "keep")  # the measured default (fcas.deform.mgm docstring)

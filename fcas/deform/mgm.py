@@ -73,6 +73,7 @@ MONAI has no priority-union label warp.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -122,8 +123,8 @@ def validate_mask(mask, schema: LabelSchema | None = None) -> tuple[np.ndarray, 
         mask = mask.astype(np.uint8)
     mask = np.ascontiguousarray(mask)
     counts = class_counts(mask)
-    present = np.flatnonzero(counts)
-    bad = [int(v) for v in present if not schema.valid_ids_lut()[v]]
+    valid = schema.valid_ids_lut()
+    bad = [int(v) for v in np.flatnonzero(counts) if not valid[v]]
     if bad:
         raise ValueError(f"label ids {bad} are not in schema {schema.name!r} ({sorted(schema.classes.values())})")
     if counts[1:].sum() == 0:
@@ -154,7 +155,11 @@ class _Gather:
         self.clip_bounds = clip_bounds
         self.chunk = max(1, _CHUNK_VOXELS // (h * w))
 
-    def run(self, starts: Sequence[int]) -> None:
+    def run(self, starts: Sequence[int], counter=None) -> None:
+        """Gather the chunks beginning at ``starts``; with a shared ``counter`` (``itertools.count``)
+        each worker takes the next free chunk, so a descheduled thread does not hold the others up."""
+        if counter is not None:
+            starts = _claim(starts, counter)
         h, w = self.hw
         m = self.chunk
         cb = np.empty((3, m, h, w), np.float32)
@@ -181,6 +186,14 @@ class _Gather:
             if self.base:
                 np.subtract(ix, self.base, out=ix)
             np.take(self.flat, ix, out=self.out[s:e], mode="clip")
+
+
+def _claim(starts: Sequence[int], counter):
+    while True:
+        i = next(counter)  # atomic under the GIL
+        if i >= len(starts):
+            return
+        yield starts[i]
 
 
 def _threads(num_threads: int | None) -> int:
@@ -244,7 +257,10 @@ def warp_labels(codes: np.ndarray, grid: ControlGrid, num_threads: int | None = 
     if n == 1:
         g.run(starts)
     else:
-        list(_pool(n).map(g.run, [starts[i::n] for i in range(n)]))
+        counter = itertools.count()
+        futures = [_pool(n).submit(g.run, starts, counter) for _ in range(n)]
+        for f in futures:
+            f.result()
     return out
 
 
