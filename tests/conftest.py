@@ -66,11 +66,11 @@ def s3_server():
 
     Sets ``AWS_ENDPOINT_URL`` / ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
     ``AWS_DEFAULT_REGION`` (and ``NO_PROXY`` for 127.0.0.1) for the session, restores them after,
-    and stops the server even when tests fail. Skips when moto_server is not installed.
+    and stops the server even when tests fail. Fails when moto_server is not installed (it is a test extra).
     """
     binary = _moto_server_bin()
     if binary is None:
-        pytest.skip("moto_server not installed (pip install -e '.[test]')")
+        pytest.fail("moto_server not installed (pip install -e '.[test]')")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="moto_server.", suffix=".log", delete=False)
@@ -116,3 +116,20 @@ def s3_uri(s3_server, request) -> str:
     """A fresh prefix ``s3://fcas-test/<test-name>-<random>`` for one test."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60].strip("-")
     return f"{s3_server}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Ray: one local Ray instance per test session (real Ray, 2 CPUs, no dashboard).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

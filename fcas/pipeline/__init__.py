@@ -1,0 +1,1 @@
+"""Ray wiring: the only package of ``fcas`` allowed to import ``ray`` and ``hydra``."""

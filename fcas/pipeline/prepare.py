@@ -1,0 +1,128 @@
+"""Ray Data wiring of ``jobs/prepare.py``: sources -> validate/resample/write (CPU tasks) -> manifests.
+
+The science is in :mod:`fcas.prepare`; here only the listing of sources, the Ray Data map, the
+split assignment over the finished rows and the two Parquet manifests (``cases.parquet``,
+``rejects.parquet``). A bad case never stops the job: it becomes a reject row with its reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+
+from fcas.io import manifest, storage
+from fcas.labels import load_schema
+from fcas.prepare import CaseRejected, PrepareSettings, assign_splits, prepare_pair, prepare_phantom, safe_case_id, write_case
+from fcas.pipeline.ray_env import ensure_ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    source: str                       # "phantom:N", "dir:<uri>" or a directory URI
+    out: str
+    settings: PrepareSettings
+    images: str = "*_image.nii.gz"    # glob under the source dir; the '*' part is the case key
+    labels: str = "*_label.nii.gz"
+    schema: str = "cardiac"
+    splits: tuple[tuple[str, float], ...] = (("train", 0.6), ("template", 0.1), ("reference", 0.2), ("test", 0.1))
+    seed: int = 0
+
+
+def _key(uri: str, pattern: str) -> str | None:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    base = pattern.rsplit("/", 1)[-1]
+    pre, _, post = base.partition("*")
+    if name.startswith(pre) and name.endswith(post) and len(name) >= len(pre) + len(post):
+        return name[len(pre): len(name) - len(post)]
+    return None
+
+
+def list_sources(job: PrepareJob) -> tuple[list[dict], list[dict]]:
+    """Work items and the rejects found while listing (an image without a label and vice versa)."""
+    src = job.source
+    if src.startswith("phantom:"):
+        try:
+            n = int(src.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"source {src!r}: expected phantom:<count>") from None
+        if n < 1:
+            raise ValueError(f"source {src!r}: the phantom count must be positive")
+        return [{"kind": "phantom", "seed": i, "image_uri": "", "label_uri": "", "case_id": ""} for i in range(n)], []
+    root = src[4:] if src.startswith("dir:") else src
+    if not storage.isdir(root):
+        raise ValueError(f"source {src!r}: not a directory (or phantom:N)")
+    images = {_key(u, job.images): u for u in storage.glob(storage.join(root, job.images))}
+    labels = {_key(u, job.labels): u for u in storage.glob(storage.join(root, job.labels))}
+    images.pop(None, None), labels.pop(None, None)
+    if not images and not labels:
+        raise ValueError(f"source {src!r}: no files match images={job.images!r} / labels={job.labels!r}")
+    items, rejects = [], []
+    for key in sorted(images):
+        if key not in labels:
+            rejects.append({"source": images[key], "reason": f"image {images[key]}: no label file matching {job.labels!r}", "stage": "list"})
+            continue
+        items.append({"kind": "pair", "seed": -1, "image_uri": images[key], "label_uri": labels[key],
+                      "case_id": safe_case_id(key)})
+    for key in sorted(set(labels) - set(images)):
+        rejects.append({"source": labels[key], "reason": f"label {labels[key]}: no image file matching {job.images!r}", "stage": "list"})
+    return items, rejects
+
+
+class PrepareCase:
+    """Ray Data row function: one work item -> ``{ok, row (JSON), reason, source}``."""
+
+    def __init__(self, job: PrepareJob):
+        self.job = job
+        self.schema = load_schema(job.schema)
+
+    def __call__(self, item: dict) -> dict:
+        source = item["image_uri"] or f"phantom:{item['seed']}"
+        try:
+            if item["kind"] == "phantom":
+                case = prepare_phantom(int(item["seed"]), self.schema, self.job.settings)
+            else:
+                case = prepare_pair(item["case_id"], item["image_uri"], item["label_uri"], self.schema, self.job.settings)
+            row = write_case(case, self.job.out, self.schema)
+            return {"ok": True, "row": json.dumps(row), "reason": "", "source": source}
+        except CaseRejected as err:
+            return {"ok": False, "row": "", "reason": str(err), "source": source}
+        except Exception as err:  # unexpected failure of one case: record it, keep the job going
+            return {"ok": False, "row": "", "reason": f"{source}: {type(err).__name__}: {err}".splitlines()[0], "source": source}
+
+
+def run_prepare(job: PrepareJob, ray_address: str | None = None) -> dict:
+    """Run the prepare job; returns the summary dict (also written to ``out/prepare_summary.json``)."""
+    t0 = time.time()
+    items, rejects = list_sources(job)
+    storage.makedirs(storage.join(job.out, "cases"))
+    cases = []
+    if items:
+        ensure_ray(ray_address)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
+        for r in ds.map(PrepareCase(job), num_cpus=1).iter_rows():
+            if r["ok"]:
+                cases.append(json.loads(r["row"]))
+            else:
+                log.warning("rejected: %s", r["reason"])
+                rejects.append({"source": r["source"], "reason": r["reason"], "stage": "validate"})
+    splits = assign_splits([c["case_id"] for c in cases], dict(job.splits), job.seed)
+    for c in cases:
+        c["split"] = splits[c["case_id"]]
+    cases.sort(key=lambda c: c["case_id"])
+    manifest.write_table(storage.join(job.out, "cases.parquet"), cases, manifest.CASES_SCHEMA)
+    manifest.write_table(storage.join(job.out, "rejects.parquet"), rejects, manifest.REJECTS_SCHEMA)
+    summary = {
+        "source": job.source,
+        "out": job.out,
+        "written": len(cases),
+        "rejected": len(rejects),
+        "splits": {k: sum(1 for c in cases if c["split"] == k) for k, _ in job.splits},
+        "seconds": round(time.time() - t0, 2),
+    }
+    storage.atomic_write_bytes(storage.join(job.out, "prepare_summary.json"), json.dumps(summary, indent=2).encode())
+    return summary

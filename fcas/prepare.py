@@ -1,0 +1,241 @@
+"""Case preparation: validate one image/label pair, reorient, resample, crop around the heart.
+
+One case in, one :class:`PreparedCase` out, or a :class:`CaseRejected` with a one-line reason.
+Validation refuses, in this order and before allocating voxel data where it can:
+unreadable/truncated/non-NIfTI file, a grid over the configured voxel limit (from the header),
+not 3D, image/label shape or affine mismatch, non-finite image values, float label dtype,
+label ids outside the schema or the source mapping, no heart voxels, implausible HU range.
+
+Reorientation, resampling, padding and cropping are MONAI transforms (``Orientationd``,
+``Spacingd``, ``BorderPadd``, ``SpatialCropd``) on ``MetaTensor`` so the affine stays exact.
+Split assignment and the per-case row are hand-written here (nothing in MONAI does them).
+The Ray Data wiring is in :mod:`fcas.pipeline.prepare`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import BorderPadd, Compose, Orientationd, SpatialCropd, Spacingd
+
+from fcas.io import nifti, storage
+from fcas.labels import LabelSchema
+
+AIR_HU = -1024.0
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class CaseRejected(ValueError):
+    """A case refused by validation; ``str(err)`` is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Grid and validation limits (from the preset and ``configs/prepare.yaml``)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    max_voxels: int = 512 * 512 * 1024
+    hu_min: float = -3024.0          # below: not HU (or corrupt)
+    hu_max: float = 8000.0
+    min_hu_spread: float = 200.0     # p99 - p1 below this: not a CT in HU (normalised or blank)
+    min_heart_voxels: int = 1
+    affine_atol: float = 1e-3        # mm
+    label_mapping: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be three positive ints, got {self.shape}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be three positive floats, got {self.spacing}")
+        if self.max_voxels < 1:
+            raise ValueError(f"max_voxels must be positive, got {self.max_voxels}")
+
+
+@dataclass
+class PreparedCase:
+    """A case on the preset grid: ``image`` (D, H, W) float32 HU, ``label`` (D, H, W) uint8."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def safe_case_id(name: str) -> str:
+    """A case id usable as a file name: the NIfTI stem, anything but ``[A-Za-z0-9_.-]`` -> ``_``."""
+    stem = re.sub(r"\.nii(\.gz)?$", "", str(name).rsplit("/", 1)[-1])
+    cid = _SAFE_ID.sub("_", stem).strip("._")
+    if not cid:
+        raise ValueError(f"cannot derive a case id from {name!r}")
+    return cid
+
+
+# ---- validation --------------------------------------------------------------------------------
+def _header(uri: str, what: str, settings: PrepareSettings):
+    try:
+        hdr = nifti.read_header(uri)
+    except (ValueError, OSError) as err:
+        raise CaseRejected(f"{what}: {err}") from None
+    shape = tuple(int(s) for s in hdr.shape)
+    n = math.prod(shape)
+    if n > settings.max_voxels:
+        raise CaseRejected(f"{what} {uri}: grid {shape} has {n} voxels, over the limit of {settings.max_voxels}")
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise CaseRejected(f"{what} {uri}: not a 3D volume (shape {shape})")
+    return hdr, shape
+
+
+def _load(uri: str, what: str) -> nifti.Volume:
+    try:
+        vol = nifti.read_nifti(uri)
+    except (ValueError, OSError) as err:
+        raise CaseRejected(f"{what}: {err}") from None
+    if vol.array.ndim == 4 and vol.array.shape[3] == 1:
+        vol = nifti.Volume(vol.array[..., 0], vol.affine)
+    return vol
+
+
+def validate_pair(image_uri: str, label_uri: str, schema: LabelSchema, settings: PrepareSettings):
+    """Read and check one pair. Returns ``(image float32 HU, label uint8 in our ids, affine)``."""
+    ihdr, ishape = _header(image_uri, "image", settings)
+    lhdr, lshape = _header(label_uri, "label", settings)
+    if ishape != lshape:
+        raise CaseRejected(f"label {label_uri}: shape {lshape} does not match image shape {ishape}")
+    if not np.allclose(ihdr.affine, lhdr.affine, atol=settings.affine_atol):
+        raise CaseRejected(f"label {label_uri}: affine differs from the image's (max diff "
+                           f"{np.abs(ihdr.affine - lhdr.affine).max():.4g} mm)")
+    img = _load(image_uri, "image")
+    image = np.asarray(img.array, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise CaseRejected(f"image {image_uri}: {int((~np.isfinite(image)).sum())} non-finite voxels (NaN/inf)")
+    lab = _load(label_uri, "label")
+    if np.issubdtype(lab.array.dtype, np.floating):
+        raise CaseRejected(f"label {label_uri}: float dtype {lab.array.dtype}; label maps must be stored as integers")
+    try:
+        label = schema.map_source(lab.array, settings.label_mapping)
+    except ValueError as err:
+        raise CaseRejected(f"label {label_uri}: {err}") from None
+    heart = int(np.isin(label, schema.cardiac_ids).sum())
+    if heart < settings.min_heart_voxels:
+        raise CaseRejected(f"label {label_uri}: no heart voxels (none of the eight cardiac classes present)")
+    sample = image.ravel()[:: max(1, image.size // 1_000_000)]
+    lo, hi = float(image.min()), float(image.max())
+    p1, p99 = np.percentile(sample, [1, 99])
+    if lo < settings.hu_min or hi > settings.hu_max or p99 - p1 < settings.min_hu_spread:
+        raise CaseRejected(f"image {image_uri}: implausible HU range [{lo:.1f}, {hi:.1f}] "
+                           f"(p1..p99 {p1:.1f}..{p99:.1f}); expected CT in Hounsfield units")
+    return image, label, img.affine
+
+
+# ---- geometry ----------------------------------------------------------------------------------
+def to_preset_grid(image: np.ndarray, label: np.ndarray, affine: np.ndarray, schema: LabelSchema,
+                   settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RAS orientation, preset spacing, and a crop/pad of the preset shape centred on the heart.
+
+    image: (D, H, W) float HU; label: (D, H, W) uint8 -> the same on ``settings.shape``, plus
+    the new affine (4, 4) float64.
+    """
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    data = {
+        "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image))[None], affine=aff),
+        "label": MetaTensor(torch.from_numpy(label.astype(np.int16))[None], affine=aff),
+    }
+    data = Compose([
+        Orientationd(keys=("image", "label"), axcodes="RAS"),
+        Spacingd(keys=("image", "label"), pixdim=settings.spacing, mode=("bilinear", "nearest"),
+                 padding_mode=("border", "zeros"), dtype=(np.float32, np.float32)),
+    ])(data)
+    lab = data["label"][0]
+    heart = torch.isin(lab.round().to(torch.int16), torch.tensor(schema.cardiac_ids, dtype=torch.int16))
+    if not heart.any():  # can vanish only if resampling erased a tiny heart
+        raise CaseRejected("no heart voxels left after resampling to the preset spacing")
+    idx = heart.nonzero()
+    centre = ((idx.min(0).values + idx.max(0).values) // 2).tolist()
+    size = settings.shape
+    start = [c - s // 2 for c, s in zip(centre, size)]
+    dims = lab.shape
+    lo = [max(0, -s) for s in start]
+    hi = [max(0, s + n - d) for s, n, d in zip(start, size, dims)]
+    if any(lo) or any(hi):
+        border = [v for pair in zip(lo, hi) for v in pair]
+        data = BorderPadd(keys="image", spatial_border=border, mode="constant", value=AIR_HU)(data)
+        data = BorderPadd(keys="label", spatial_border=border, mode="constant", value=0)(data)
+        start = [s + l for s, l in zip(start, lo)]
+    data = SpatialCropd(keys=("image", "label"), roi_start=start, roi_end=[s + n for s, n in zip(start, size)])(data)
+    out_affine = np.asarray(data["image"].affine, dtype=np.float64)
+    return (data["image"][0].numpy().astype(np.float32),
+            data["label"][0].round().numpy().astype(np.uint8),
+            out_affine)
+
+
+def prepare_pair(case_id: str, image_uri: str, label_uri: str, schema: LabelSchema,
+                 settings: PrepareSettings) -> PreparedCase:
+    """Validate one pair and bring it onto the preset grid; raises :class:`CaseRejected`."""
+    image, label, affine = validate_pair(image_uri, label_uri, schema, settings)
+    image, label, affine = to_preset_grid(image, label, affine, schema, settings)
+    return PreparedCase(case_id, image, label, affine, source=image_uri)
+
+
+def prepare_phantom(seed: int, schema: LabelSchema, settings: PrepareSettings) -> PreparedCase:
+    """A procedural phantom (``phantom:N`` source), generated directly on the preset grid."""
+    from fcas.phantom import make_case
+
+    case = make_case(seed, shape=settings.shape, spacing=settings.spacing)
+    return PreparedCase(f"phantom_{seed:05d}", case.image.astype(np.float32), case.label, case.affine,
+                        source=f"phantom:{seed}")
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+def class_voxels(label: np.ndarray, schema: LabelSchema) -> dict[str, int]:
+    counts = np.bincount(label.ravel(), minlength=256)
+    return {name: int(counts[cid]) for name, cid in schema.classes.items() if cid != 0}
+
+
+def write_case(case: PreparedCase, out: str, schema: LabelSchema) -> dict:
+    """Write image (int16 HU) and label (uint8) under ``out/cases/`` and return the manifest row."""
+    image_uri = storage.join(out, "cases", f"{case.case_id}_image.nii.gz")
+    label_uri = storage.join(out, "cases", f"{case.case_id}_label.nii.gz")
+    nifti.write_nifti(image_uri, case.image, case.affine, kind="image")
+    nifti.write_nifti(label_uri, case.label, case.affine, kind="label")
+    spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(0))
+    return {
+        "case_id": case.case_id,
+        "image_uri": image_uri,
+        "label_uri": label_uri,
+        "shape": [int(s) for s in case.label.shape],
+        "spacing": [float(s) for s in spacing],
+        "class_voxels": class_voxels(case.label, schema),
+        "split": "",
+        "source": case.source,
+    }
+
+
+def assign_splits(case_ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Deterministic split per case id: a seeded permutation cut by largest-remainder counts.
+
+    Fractions must be non-negative and sum to 1 (within 1e-6).
+    """
+    if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    ids = sorted(case_ids)
+    n = len(ids)
+    raw = {k: f * n for k, f in fractions.items()}
+    counts = {k: int(math.floor(v)) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: raw[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    order = np.random.default_rng(seed).permutation(n)
+    out, pos = {}, 0
+    for k in fractions:
+        for i in order[pos: pos + counts[k]]:
+            out[ids[i]] = k
+        pos += counts[k]
+    return out

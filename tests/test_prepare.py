@@ -1,0 +1,122 @@
+"""prepare: phantoms and a directory of good + bad pairs through the real Ray Data job."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fcas.io import nifti
+from fcas.labels import default_schema
+from fcas.pipeline.prepare import PrepareJob, run_prepare
+from fcas.prepare import PrepareSettings, assign_splits, safe_case_id
+from fcas.presets import load_preset
+from tests.corpus import BAD_KINDS, write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = default_schema()
+TINY = load_preset("tiny")
+
+
+def _settings(**kw):
+    return PrepareSettings(shape=TINY.shape, spacing=TINY.spacing, **kw)
+
+
+def test_phantom_source_writes_cases_on_the_preset_grid(ray_local, tmp_path):
+    out = str(tmp_path / "cases")
+    job = PrepareJob(source="phantom:6", out=out, settings=_settings(),
+                     splits=(("train", 0.5), ("template", 0.2), ("reference", 0.2), ("test", 0.1)))
+    summary = run_prepare(job)
+    assert summary["written"] == 6 and summary["rejected"] == 0
+    table = pq.read_table(f"{out}/cases.parquet").to_pylist()
+    assert [r["case_id"] for r in table] == [f"phantom_{i:05d}" for i in range(6)]
+    assert sorted(r["split"] for r in table) == ["reference", "template", "test", "train", "train", "train"]
+    for row in table:
+        img, lab = nifti.read_nifti(row["image_uri"]), nifti.read_nifti(row["label_uri"])
+        assert img.array.dtype == np.int16 and lab.array.dtype == np.uint8
+        assert img.array.shape == lab.array.shape == TINY.shape == tuple(row["shape"])
+        assert np.allclose(img.spacing, TINY.spacing) and np.allclose(row["spacing"], TINY.spacing)
+        counts = dict(row["class_voxels"])
+        assert all(counts[n] > 0 for n in SCHEMA.cardiac), counts
+        assert counts["coronary_arteries"] == int((lab.array == 8).sum())
+    assert pq.read_table(f"{out}/rejects.parquet").num_rows == 0
+    assert json.loads(Path(out, "prepare_summary.json").read_text())["written"] == 6
+
+
+def test_directory_with_one_of_each_bad_kind(ray_local, tmp_path):
+    kinds = write_corpus(tmp_path / "src", n_good=3)
+    out = tmp_path / "out"
+    job = PrepareJob(source=f"dir:{tmp_path / 'src'}", out=str(out), settings=_settings(max_voxels=10**8))
+    summary = run_prepare(job)
+    good = sorted(k for k, v in kinds.items() if v == "good")
+    assert summary["written"] == len(good) == 3
+    assert summary["rejected"] == len(BAD_KINDS) + 1  # + the orphan image
+    cases = pq.read_table(out / "cases.parquet").to_pylist()
+    assert sorted(r["case_id"] for r in cases) == good
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    by_key = {Path(r["source"]).name.split("_")[0]: r["reason"] for r in rejects}
+    assert set(by_key) == set(BAD_KINDS) | {"orphan"}
+    for key, fragment in BAD_KINDS.items():
+        reason = by_key[key]
+        assert fragment in reason.lower(), (key, reason)
+        assert "\n" not in reason and key in reason  # one line, naming the file
+    assert "no label file" in by_key["orphan"]
+    # written cases are on the preset grid, in RAS, with every cardiac class
+    for row in cases:
+        img = nib.load(row["image_uri"])
+        assert img.shape == TINY.shape
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        lab = np.asarray(nib.load(row["label_uri"]).dataobj)
+        assert set(SCHEMA.cardiac_ids) <= set(np.unique(lab).tolist())
+    # nothing half-written: only the good cases' files exist, and no temporary names
+    files = sorted(p.name for p in (out / "cases").iterdir())
+    assert files == sorted(f"{k}_{t}.nii.gz" for k in good for t in ("image", "label"))
+
+
+def test_reorientation_keeps_anatomy(ray_local, tmp_path):
+    """good1 is stored flipped (LPS-like); after prepare its heart lies where good1's RAS twin's would."""
+    write_corpus(tmp_path / "src", n_good=2)
+    out = tmp_path / "out"
+    run_prepare(PrepareJob(source=str(tmp_path / "src"), out=str(out), settings=_settings()))
+    lab = np.asarray(nib.load(out / "cases" / "good1_label.nii.gz").dataobj)
+    # the LV-to-RV direction in voxel space must match the unflipped twin's after reorientation
+    lv = np.argwhere(lab == SCHEMA.id("left_ventricle")).mean(0)
+    rv = np.argwhere(lab == SCHEMA.id("right_ventricle")).mean(0)
+    twin = np.asarray(nib.load(out / "cases" / "good0_label.nii.gz").dataobj)
+    lv0 = np.argwhere(twin == SCHEMA.id("left_ventricle")).mean(0)
+    rv0 = np.argwhere(twin == SCHEMA.id("right_ventricle")).mean(0)
+    assert np.sign(lv[0] - rv[0]) == np.sign(lv0[0] - rv0[0])
+    assert np.sign(lv[1] - rv[1]) == np.sign(lv0[1] - rv0[1])
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 101])
+def test_assign_splits_exact_and_deterministic(n):
+    ids = [f"c{i}" for i in range(n)]
+    fr = {"train": 0.2, "template": 0.05, "reference": 0.75}
+    a = assign_splits(ids, fr, seed=3)
+    assert a == assign_splits(list(reversed(ids)), fr, seed=3)
+    counts = {k: sum(v == k for v in a.values()) for k in fr}
+    assert sum(counts.values()) == n
+    assert all(abs(counts[k] - fr[k] * n) < 1 for k in fr)
+
+
+def test_bad_split_fractions_and_case_ids():
+    with pytest.raises(ValueError, match="sum to 1"):
+        assign_splits(["a"], {"train": 0.5, "test": 0.2}, 0)
+    assert safe_case_id("../../etc/pass wd.nii.gz") == "pass_wd"
+    with pytest.raises(ValueError):
+        safe_case_id("...")
+
+
+def test_cli_exits_zero_and_prints_the_summary(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "jobs/prepare.py", "source=phantom:3", f"out={out}", "preset=tiny"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "prepare: 3 cases written, 0 rejected" in proc.stdout
+    assert pq.read_table(out / "cases.parquet").num_rows == 3
