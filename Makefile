@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Until the synthesis job lands, the main job is `prepare` on the bundled phantoms.
 demo: install
-	$(BIN)/python jobs/demo.py
+	$(BIN)/python jobs/prepare.py source=phantom:8 preset=demo out=outputs/demo
+	@echo "demo: outputs/demo/{cases/,cases.parquet,rejects.parquet,preview.png}"
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -44,6 +44,7 @@ def test_phantom_source_writes_cases_on_the_preset_grid(ray_local, tmp_path):
         assert counts["coronary_arteries"] == int((lab.array == 8).sum())
     assert pq.read_table(f"{out}/rejects.parquet").num_rows == 0
     assert json.loads(Path(out, "prepare_summary.json").read_text())["written"] == 6
+    assert Path(out, "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_directory_with_one_of_each_bad_kind(ray_local, tmp_path):

@@ -26,4 +26,5 @@ def prepare_job_from_cfg(cfg: DictConfig) -> PrepareJob:
         schema=str(cfg.schema),
         splits=tuple((str(k), float(v)) for k, v in cfg.splits.items()),
         seed=int(cfg.seed),
+        preview=int(cfg.get("preview", 0)),
     )

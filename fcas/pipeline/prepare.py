@@ -31,6 +31,7 @@ class PrepareJob:
     schema: str = "cardiac"
     splits: tuple[tuple[str, float], ...] = (("train", 0.6), ("template", 0.1), ("reference", 0.2), ("test", 0.1))
     seed: int = 0
+    preview: int = 3                  # cases shown in out/preview.png (0: none)
 
 
 def _key(uri: str, pattern: str) -> str | None:
@@ -95,6 +96,18 @@ class PrepareCase:
             return {"ok": False, "row": "", "reason": f"{source}: {type(err).__name__}: {err}".splitlines()[0], "source": source}
 
 
+def write_preview(rows: list[dict], uri: str) -> None:
+    """A tri-planar image + label overlay of a few written cases, read back from storage."""
+    from fcas.io import nifti
+    from fcas.preview import grid_png
+
+    cases = []
+    for r in rows:
+        img, lab = nifti.read_nifti(r["image_uri"]), nifti.read_nifti(r["label_uri"])
+        cases.append((img.array, lab.array, img.affine))
+    storage.atomic_write_bytes(uri, grid_png(cases, None, titles=[r["case_id"] for r in rows]))
+
+
 def run_prepare(job: PrepareJob, ray_address: str | None = None) -> dict:
     """Run the prepare job; returns the summary dict (also written to ``out/prepare_summary.json``)."""
     t0 = time.time()
@@ -116,6 +129,8 @@ def run_prepare(job: PrepareJob, ray_address: str | None = None) -> dict:
     cases.sort(key=lambda c: c["case_id"])
     manifest.write_table(storage.join(job.out, "cases.parquet"), cases, manifest.CASES_SCHEMA)
     manifest.write_table(storage.join(job.out, "rejects.parquet"), rejects, manifest.REJECTS_SCHEMA)
+    if job.preview and cases:
+        write_preview(cases[: job.preview], storage.join(job.out, "preview.png"))
     summary = {
         "source": job.source,
         "out": job.out,
