@@ -28,7 +28,7 @@ seed), blurred (partial volume) with correlated Gaussian noise, clipped to [-102
 Connectivity is 26-connectivity throughout. Safety net: each single-component cardiac class keeps
 its largest component and coronary components not touching the aorta are dropped;
 ``PhantomCase.info["fixed_voxels"]`` counts the voxels this moved (seeds 0..49 at 64^3: one voxel
-on one seed, 0 on the others; seeds 0..199: 4 seeds touched, all pass the checks without it too).
+on one seed, 0 on the others; over seeds 0..199 it acted on 4 seeds).
 
 Hand-written: neither MONAI nor any other library ships an anatomical heart phantom with coronaries.
 """
