@@ -78,9 +78,9 @@ def literal_mgm(mask: np.ndarray, coords: np.ndarray, schema: LabelSchema | None
         if closing == "closing":
             w = ndi.minimum_filter(w, size=2, origin=-1, mode="constant", cval=1)
         closed[int(cid)] = w
-    out = schema.union(closed, mask.shape)
+    out = schema.union(closed, coords.shape[1:])
     if overlap == "keep":
-        plain = schema.union(warped, mask.shape)
+        plain = schema.union(warped, coords.shape[1:])
         out = np.where(plain != 0, plain, out)
     return out
 

@@ -236,10 +236,10 @@ def test_stage_runs_in_ray_data_map_batches(ray_local, template_uris):
         return {"sample_id": ids, "template_uri": np.array([uris[i % len(uris)] for i in ids]),
                 "run_seed": np.full(len(ids), 7, np.int64)}
 
-    ds = (ray.data.range(6)
+    # a stage instance is a plain function to Ray Data: CPU tasks, fused with the plan step
+    ds = (ray.data.range(6, override_num_blocks=2)
           .map_batches(plan, batch_format="numpy")
-          .map_batches(MGMStage, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=3,
-                       concurrency=1, num_cpus=1, batch_format="numpy"))
+          .map_batches(MGMStage(cfg.to_dict()), batch_size=3, num_cpus=1, batch_format="numpy"))
     rows = sorted(ds.take_all(), key=lambda r: r["sample_id"])
     assert [r["sample_id"] for r in rows] == list(range(6))
     direct = MGMStage(cfg)(_plans(6, uris))
