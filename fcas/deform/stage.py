@@ -1,8 +1,11 @@
 """MGM as a Ray Data batch stage: plans in, deformed masks + parameters + QC + timings out.
 
-:class:`MGMStage` is a plain callable class (no Ray import: the pipeline wiring in
-``fcas/pipeline`` passes it to ``Dataset.map_batches(MGMStage, fn_constructor_kwargs=...,
-batch_format="numpy", num_cpus=1)``). Input batch columns (numpy arrays of length B):
+:class:`MGMStage` is a plain callable class (no Ray import). The pipeline wiring in
+``fcas/pipeline`` uses it either as CPU tasks -- ``ds.map_batches(MGMStage(cfg), batch_format="numpy",
+num_cpus=1)``: an instance is a function to Ray Data, fused with neighbouring task stages -- or as
+an actor pool -- ``ds.map_batches(MGMStage, fn_constructor_kwargs={"cfg": cfg.to_dict()},
+concurrency=n, num_cpus=1)`` -- where each actor keeps its template cache across batches.
+Input batch columns (numpy arrays of length B):
 
 * ``sample_id`` (int), ``template_uri`` (str: a label NIfTI on any fsspec URI), ``run_seed`` (int);
 * optionally the plan's parameters as ``mgm_<field>`` columns (all of :class:`MGMParams`' fields):
