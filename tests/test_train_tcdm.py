@@ -117,3 +117,30 @@ def test_ray_train_two_workers_killed_and_resumed(tmp_path, ray_local):
     opt = ck.state_dict("optimizer")
     assert {float(st["step"]) for st in opt["state"].values()} == {4.0}
     assert ck.config["train"]["steps"] == 4 and ck.config["preset"] == "tiny"
+
+
+@pytest.mark.filterwarnings("ignore:TCDM uses an untrained")
+def test_export_gives_a_loadable_fp16_bundle_that_samples(tmp_path, tiny_cases):
+    from fcas.diffusion.conditioning import build_c_raw
+    from fcas.diffusion.sampling import decode_latent, sample
+    from fcas.models.bundle import load_tcdm
+    from fcas.models.export import export_inference_checkpoint
+
+    train_tcdm_loop(_settings(tmp_path / "run", 2), cases=tiny_cases, progress=False)
+    digest = export_inference_checkpoint(str(tmp_path / "run"), str(tmp_path / "demo"))
+    assert (tmp_path / "demo" / "DIGEST").read_text().strip() == digest
+    assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
+    assert not (tmp_path / "demo" / "optimizer.pt").exists()
+    sd = torch.load(tmp_path / "demo" / "unet.pt", weights_only=True)
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}
+    bundle = load_tcdm(str(tmp_path / "demo"))
+    assert bundle.digest == digest and bundle.shape == (32, 32, 32)
+    full = load_tcdm(latest_checkpoint(str(tmp_path / "run")))
+    for k, v in full.model.unet.state_dict().items():  # fp16 export is within fp16 rounding of fp32
+        assert torch.allclose(bundle.model.unet.state_dict()[k], v, rtol=1e-3, atol=1e-4), k
+    schema = bundle.condition.label_schema
+    c = build_c_raw(tiny_cases.labels[:1], tiny_cases.labels[1:2], tiny_cases.images[1:2], schema)
+    res = sample(bundle, c, torch.Generator().manual_seed(0), steps=3, collect_every=1)
+    img = decode_latent(bundle.vae, res.latent, bundle.scale_factor)
+    assert img.shape == (1, 1, 32, 32, 32) and 0 <= float(img.min()) and float(img.max()) <= 1
+    assert len(res.intermediates) == 3

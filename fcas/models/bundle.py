@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fcas.models.checkpoint import Checkpoint, load_checkpoint, load_into
+from fcas.models.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_into
 from fcas.io import storage
 from fcas.models.networks import TCDM, ModelConfig, VAEConfig, build_tcdm, build_vae
 
@@ -20,7 +20,8 @@ __all__ = ["load_vae", "TCDMBundle", "load_tcdm"]
 def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module, VAEConfig, float | None, str]:
     """Frozen VAE from ``spec``; returns ``(vae, vae_config, scale_factor or None, digest)``.
 
-    ``spec``: a VAE checkpoint folder URI (``jobs/train_vae.py`` output, its own config wins), or
+    ``spec``: a VAE checkpoint folder URI or a ``jobs/train_vae.py`` output root (its latest
+    checkpoint; the checkpoint's own config wins), or
     ``maisi:<uri>`` (MAISI's released weights at the MAISI architecture), or ``None`` / ``random``:
     an untrained VAE seeded by ``seed`` (a fixed deterministic encoder; for tests only).
     """
@@ -37,7 +38,10 @@ def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module
         vae = load_maisi_autoencoder(str(spec)[len("maisi:"):], cfg)
         digest, scale = str(spec), None
     else:
-        ck = load_checkpoint(str(spec))
+        uri = str(spec)
+        if not storage.exists(storage.join(uri, "checkpoint.json")):
+            uri = latest_checkpoint(uri) or uri  # a training output root: its latest checkpoint
+        ck = load_checkpoint(uri)
         cfg = ModelConfig.from_dict(ck.config["model"]).vae
         vae = build_vae(cfg)
         load_into(vae, ck.state_dict("vae"), storage.join(ck.uri, "vae.pt"))
@@ -84,7 +88,10 @@ class TCDMBundle:
 
 
 def load_tcdm(uri: str, map_location: str | torch.device = "cpu") -> TCDMBundle:
-    """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder (eval mode, float32, frozen)."""
+    """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder, or a training output root (its
+    latest checkpoint); eval mode, float32, frozen."""
+    if not storage.exists(storage.join(uri, "checkpoint.json")):
+        uri = latest_checkpoint(uri) or uri
     ck: Checkpoint = load_checkpoint(uri)
     for key in ("model", "condition", "scheduler", "scale_factor"):
         if key not in ck.config:
