@@ -237,7 +237,7 @@ def test_stage_runs_in_ray_data_map_batches(ray_local, template_uris):
                 "run_seed": np.full(len(ids), 7, np.int64)}
 
     # a stage instance is a plain function to Ray Data: CPU tasks, fused with the plan step
-    ds = (ray.data.range(6, override_num_blocks=2)
+    ds = (ray.data.range(6, override_num_blocks=1)
           .map_batches(plan, batch_format="numpy")
           .map_batches(MGMStage(cfg.to_dict()), batch_size=3, num_cpus=1, batch_format="numpy"))
     rows = sorted(ds.take_all(), key=lambda r: r["sample_id"])
