@@ -128,8 +128,41 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# TCDM: a real tiny-preset checkpoint (2 training steps, random VAE) for sampler/synthesis tests.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """URI of a TCDM checkpoint folder at the tiny preset, trained for 2 steps on phantoms."""
+    import warnings
+
+    import yaml
+
+    from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+    from fcas.labels import CONFIG_DIR
+    from fcas.models.checkpoint import latest_checkpoint
+    from fcas.presets import load_preset
+
+    preset = load_preset("tiny")
+    model = yaml.safe_load((CONFIG_DIR / "model" / "tiny.yaml").read_text())
+    model.pop("name", None)
+    out = tmp_path_factory.mktemp("tcdm-tiny")
+    settings = TCDMSettings.from_dict({
+        "data": "phantom:3", "out": str(out), "shape": preset.shape, "spacing": preset.spacing, "preset": "tiny",
+        "model": model, "train": {"steps": 2, "checkpoint_every": 2, "scale_factor_cases": 2},
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_tcdm_loop(settings, progress=False)
+    uri = latest_checkpoint(str(out))
+    assert uri is not None
+    return uri

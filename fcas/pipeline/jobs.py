@@ -28,3 +28,33 @@ def prepare_job_from_cfg(cfg: DictConfig) -> PrepareJob:
         seed=int(cfg.seed),
         preview=int(cfg.get("preview", 0)),
     )
+
+
+def synthesis_job_from_cfg(cfg: DictConfig):
+    from omegaconf import OmegaConf
+
+    from fcas.models.checkpoint import config_hash
+    from fcas.pipeline.synthesize import Resources, SynthesisJob
+    from fcas.synthesis.sampler import SamplerSettings
+
+    s, v, r = cfg.sampler, cfg.ssv, cfg.resources
+    sampler = SamplerSettings(
+        steps=int(s.steps), scheduler=str(s.scheduler), eta=float(s.eta),
+        ssv_mode=str(v.mode), ssv_every=int(v.every), ssv_collect=str(v.collect), ssv_quantile=float(v.quantile),
+        window=None if s.window is None else tuple(int(w) for w in s.window), device=str(s.device),
+    )
+    resources = Resources(
+        sampler_actors=tuple(int(a) for a in r.sampler_actors), sampler_gpus=float(r.sampler_gpus),
+        sampler_cpus=float(r.sampler_cpus), sampler_batch_size=int(r.sampler_batch_size),
+        mgm_actors=tuple(int(a) for a in r.mgm_actors), mgm_cpus=float(r.mgm_cpus),
+        writer_cpus=float(r.writer_cpus), plan_cpus=float(r.plan_cpus), writer_batch_size=int(r.writer_batch_size),
+    )
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    # the hash names the settings that decide a sample's content, so n / out / resources may change on reruns
+    traced = {k: plain[k] for k in ("preset", "mgm", "seed", "templates", "checkpoint", "schema", "sampler", "ssv")}
+    return SynthesisJob(
+        n=int(cfg.n), out=str(cfg.out), checkpoint=str(cfg.checkpoint), templates=str(cfg.templates),
+        run_seed=int(cfg.seed), shape=tuple(int(x) for x in cfg.preset.shape),
+        spacing=tuple(float(x) for x in cfg.preset.spacing), sampler=sampler, mgm=plain["mgm"],
+        schema=str(cfg.schema), preview=bool(cfg.preview), resources=resources, config_hash=config_hash(traced),
+    )

@@ -1,0 +1,1 @@
+"""Synthesis: per-sample plans, output naming/writing and the synthesis manifest contract."""

@@ -1,0 +1,108 @@
+"""Output naming, writing and the synthesis manifest (one row per finished sample).
+
+Names derive from the sample id only, so a retried sample overwrites its own files; every
+file is written atomically (:mod:`fcas.io.storage`), and a manifest row is written only after
+all of its sample's files exist. Readers drop duplicate sample ids (last row wins).
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+
+from fcas.io import manifest, nifti, storage
+
+SYNTHESIS_SCHEMA = manifest.make_schema(
+    "synthesis",
+    [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("template_id", pa.string(), nullable=False),
+        pa.field("reference_id", pa.string(), nullable=False),
+        pa.field("mgm", pa.map_(pa.string(), pa.float64())),
+        pa.field("qc", pa.map_(pa.string(), pa.float64())),
+        pa.field("mgm_tries", pa.int32()),
+        pa.field("sampler", pa.string()),            # JSON of the sampler + SSV settings
+        pa.field("checkpoint_digest", pa.string()),
+        pa.field("config_hash", pa.string()),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("label_uri", pa.string(), nullable=False),
+        pa.field("confidence_uri", pa.string(), nullable=False),
+        pa.field("preview_uri", pa.string()),
+        pa.field("timings", pa.map_(pa.string(), pa.float64())),
+    ],
+)
+manifest.SCHEMAS["synthesis"] = SYNTHESIS_SCHEMA
+
+SAMPLE_REJECTS_SCHEMA = manifest.make_schema(
+    "sample_rejects",
+    [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ],
+)
+manifest.SCHEMAS["sample_rejects"] = SAMPLE_REJECTS_SCHEMA
+
+
+def sample_name(sample_id: int) -> str:
+    if int(sample_id) < 0:
+        raise ValueError(f"sample_id must be non-negative, got {sample_id}")
+    return f"s{int(sample_id):08d}"
+
+
+def sample_uris(out: str, sample_id: int, preview: bool = True) -> dict[str, str | None]:
+    base = storage.join(out, "samples", sample_name(sample_id))
+    return {
+        "image_uri": f"{base}_image.nii.gz",
+        "label_uri": f"{base}_label.nii.gz",
+        "confidence_uri": f"{base}_confidence.nii.gz",
+        "preview_uri": f"{base}_preview.png" if preview else None,
+    }
+
+
+def write_sample(out: str, sample_id: int, image_hu: np.ndarray, label: np.ndarray, confidence: np.ndarray,
+                 affine: np.ndarray, preview_png: bytes | None = None) -> dict[str, str | None]:
+    """Write one sample's files (image int16 HU, label uint8, confidence float32 in [0, 1], PNG)."""
+    uris = sample_uris(out, sample_id, preview=preview_png is not None)
+    nifti.write_nifti(uris["image_uri"], image_hu, affine, kind="image")
+    nifti.write_nifti(uris["label_uri"], label, affine, kind="label")
+    nifti.write_nifti(uris["confidence_uri"], np.clip(confidence, 0.0, 1.0), affine, kind="float")
+    if preview_png is not None:
+        storage.atomic_write_bytes(uris["preview_uri"], preview_png)
+    return uris
+
+
+def write_shard(out: str, rows: list[dict], schema=SYNTHESIS_SCHEMA, folder: str = "manifest") -> str | None:
+    """Append one Parquet shard of finished rows under ``out/<folder>/``; returns its URI."""
+    if not rows:
+        return None
+    uri = storage.join(out, folder, f"part-{uuid.uuid4().hex}.parquet")
+    manifest.write_table(uri, rows, schema)
+    return uri
+
+
+def read_run_manifest(out: str) -> pa.Table:
+    """The run's manifest with duplicate sample ids dropped (last wins); empty if none yet."""
+    uri = storage.join(out, "manifest")
+    if not storage.exists(uri):
+        return SYNTHESIS_SCHEMA.empty_table()
+    return manifest.read_manifest_dedup(uri, key="sample_id", schema=SYNTHESIS_SCHEMA)
+
+
+def finished_ids(out: str) -> set[int]:
+    """Sample ids with a manifest row whose files all exist (what a rerun may skip).
+
+    One listing of ``out/samples/`` instead of a request per file (300k HEADs at n=100000 on S3).
+    """
+    table = read_run_manifest(out)
+    if table.num_rows == 0:
+        return set()
+    folder = storage.join(out, "samples")
+    present = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(folder)} if storage.exists(folder) else set()
+    done = set()
+    for row in table.select(["sample_id", "image_uri", "label_uri", "confidence_uri"]).to_pylist():
+        if all(row[k].rsplit("/", 1)[-1] in present for k in ("image_uri", "label_uri", "confidence_uri")):
+            done.add(int(row["sample_id"]))
+    return done

@@ -1,0 +1,103 @@
+"""The synthesis job end to end on local Ray at the tiny preset (real Ray Data, real checkpoint)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcas.io import nifti, storage
+from fcas.labels import default_schema
+from fcas.pipeline.synthesize import Resources, SynthesisJob, run_synthesis
+from fcas.presets import load_preset
+from fcas.synthesis.outputs import read_run_manifest
+from fcas.synthesis.sampler import SamplerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = load_preset("tiny")
+SCHEMA = default_schema()
+
+
+def _job(out, ckpt, n, **kw):
+    return SynthesisJob(n=n, out=str(out), checkpoint=ckpt, templates="phantom:4", shape=TINY.shape,
+                        spacing=TINY.spacing, sampler=SamplerSettings(steps=4, ssv_every=1),
+                        resources=Resources(writer_batch_size=3), config_hash="test", **kw)
+
+
+def _files(out) -> list[str]:
+    return sorted(p.name for p in Path(out, "samples").iterdir())
+
+
+@pytest.fixture(scope="module")
+def run12(ray_local, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn12")
+    summary = run_synthesis(_job(out, tiny_checkpoint, 12), progress=False)
+    return out, summary
+
+
+def test_twelve_samples_end_to_end(run12):
+    out, summary = run12
+    table = read_run_manifest(str(out))
+    rows = table.to_pylist()
+    assert summary["n_written"] + summary["n_rejected"] == 12
+    assert sorted(r["sample_id"] for r in rows) == sorted(set(r["sample_id"] for r in rows))
+    assert summary["n_written"] == len(rows) >= 10  # MGM QC may reject a few; they are counted
+    tmpl = nifti.read_nifti(str(out / "templates" / "cases" / f"{rows[0]['template_id']}_image.nii.gz"))
+    for r in rows:
+        img, lab, cm = (nifti.read_nifti(r[k]) for k in ("image_uri", "label_uri", "confidence_uri"))
+        assert img.array.dtype == np.int16 and lab.array.dtype == np.uint8 and cm.array.dtype == np.float32
+        assert img.shape == lab.shape == cm.shape == TINY.shape
+        np.testing.assert_allclose(img.affine, tmpl.affine, atol=1e-6)
+        assert set(np.unique(lab.array).tolist()) <= {0, *SCHEMA.cardiac_ids}
+        assert 0.0 <= cm.array.min() and cm.array.max() <= 1.0
+        assert Path(r["preview_uri"]).read_bytes()[:4] == b"\x89PNG"
+        assert r["checkpoint_digest"] and r["config_hash"] == "test"
+        assert set(dict(r["timings"])) >= {"sample_s", "mgm_deform_s", "write_s"}
+        assert dict(r["qc"])["passed"] == 1.0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_requested"] == 12 and s["n_written"] == len(rows)
+    # every file in samples/ belongs to a manifest row: no orphans, no temporary names
+    expected = sorted(Path(r[k]).name for r in rows for k in ("image_uri", "label_uri", "confidence_uri", "preview_uri"))
+    assert _files(out) == expected
+
+
+def test_rerun_does_nothing_and_is_deterministic(run12, ray_local, tiny_checkpoint, tmp_path):
+    out, _ = run12
+    before = {p: p.stat().st_mtime_ns for p in Path(out, "samples").iterdir()}
+    again = run_synthesis(_job(out, tiny_checkpoint, 12), progress=False)
+    assert again["n_written_this_run"] == 0
+    assert {p: p.stat().st_mtime_ns for p in Path(out, "samples").iterdir()} == before
+    # a fresh run with the same config gives bit-identical masks and images
+    other = tmp_path / "again"
+    run_synthesis(_job(other, tiny_checkpoint, 3), progress=False)
+    rows = {r["sample_id"]: r for r in read_run_manifest(str(out)).to_pylist()}
+    for r in read_run_manifest(str(other)).to_pylist():
+        for k in ("image_uri", "label_uri", "confidence_uri"):
+            a, b = nifti.read_nifti(r[k]).array, nifti.read_nifti(rows[r["sample_id"]][k]).array
+            assert np.array_equal(a, b), (r["sample_id"], k)
+
+
+def test_interrupted_run_completes_to_exactly_n(ray_local, tiny_checkpoint, tmp_path):
+    out = tmp_path / "resume"
+    first = run_synthesis(_job(out, tiny_checkpoint, 4), progress=False)
+    # simulate a crash after the files of sample 5 were written but before its row: an orphan file
+    storage.atomic_write_bytes(str(out / "samples" / "s00000005_image.nii.gz"), b"partial")
+    second = run_synthesis(_job(out, tiny_checkpoint, 7), progress=False)
+    ids = [r["sample_id"] for r in read_run_manifest(str(out)).to_pylist()]
+    assert len(ids) == len(set(ids)) == second["n_written"]
+    assert second["n_written"] + second["n_rejected"] == 7
+    assert second["n_written_this_run"] == second["n_written"] - first["n_written"]
+    assert nifti.read_nifti(str(out / "samples" / "s00000005_image.nii.gz")).array.dtype == np.int16 or 5 not in ids
+
+
+def test_cli_defaults_override(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "jobs/synthesize.py", "preset=tiny", "n=2", f"out={out}", f"checkpoint={tiny_checkpoint}",
+         "sampler.steps=3", "ssv.every=1", "templates=phantom:2", "progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "synthesize: " in proc.stdout and "/2 samples" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["n_requested"] == 2
