@@ -217,3 +217,20 @@ def test_rflow_and_ddpm_samplers_and_windowed_denoising():
     assert torch.allclose(whole.latent, win.latent, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
         sample(model, c, None, steps=3, scheduler="rflow", scheduler_config=SchedulerConfig(kind="ddpm"))
+
+
+def test_clip_x0_bounds_the_predictions_and_auto_reads_the_bundle():
+    from types import SimpleNamespace
+
+    from fcas.diffusion.sampling import sample
+
+    model, c = _tiny_model(), _cond()
+    free = sample(model, c, torch.Generator().manual_seed(0), steps=4, collect_every=1)
+    clipped = sample(model, c, torch.Generator().manual_seed(0), steps=4, collect_every=1, clip_x0=0.5)
+    assert max(float(x.abs().max()) for x in free.intermediates) > 0.5
+    assert max(float(x.abs().max()) for x in clipped.intermediates) <= 0.5 + 1e-6
+    bundle = SimpleNamespace(model=model, scheduler=SchedulerConfig(), config={"sampling": {"clip_x0": 0.5}})
+    auto = sample(bundle, c, torch.Generator().manual_seed(0), steps=4)
+    assert torch.equal(auto.latent, clipped.latent)
+    with pytest.raises(ValueError, match="clip_x0"):
+        sample(model, c, None, steps=2, clip_x0=-1.0)

@@ -65,6 +65,7 @@ def sample(
     window: Sequence[int] | None = None,
     window_overlap: float = 0.25,
     latent_channels: int | None = None,
+    clip_x0: float | None | str = "auto",
 ) -> SampleResult:
     """Sample latents conditioned on ``condition``.
 
@@ -82,6 +83,9 @@ def sample(
         eta: DDIM stochasticity (0 = deterministic DDIM).
         cache_condition: embed the condition once (True) or inside every step (False; for benchmarks).
         window: latent window size for sliding-window denoising; None = whole latent at once.
+        clip_x0: DDIM/DDPM clip the predicted x̂0 to ``[-clip_x0, clip_x0]`` before each step (latents
+            are scaled to unit variance); None = no clipping; 'auto' = the bundle's
+            ``config['sampling']['clip_x0']`` if set, else None. Not applied by RFlow.
 
     Returns:
         :class:`SampleResult` (unpacks as ``latent, intermediates``).
@@ -95,6 +99,13 @@ def sample(
     if collect_every < 0:
         raise ValueError(f"collect_every must be >= 0, got {collect_every}")
     sch = build_sampling_scheduler(sched_cfg, scheduler, steps)
+    if clip_x0 == "auto":
+        clip_x0 = ((getattr(models, "config", None) or {}).get("sampling") or {}).get("clip_x0")
+    if clip_x0 is not None and not isinstance(sch, RFlowScheduler):
+        if not float(clip_x0) > 0:
+            raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0!r}")
+        sch.clip_sample = True
+        sch.clip_sample_values = [-float(clip_x0), float(clip_x0)]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     condition = condition.to(device=device, dtype=dtype)

@@ -55,8 +55,13 @@ def plot_loss_curve(steps: np.ndarray, losses: np.ndarray, png_uri: str, title: 
     storage.atomic_write_bytes(png_uri, buf.getvalue())
 
 
-def export_inference_checkpoint(src: str, dst: str, half: bool = True) -> str:
-    """Copy the inference parts of checkpoint ``src`` (a folder, or a root: its latest) to ``dst``."""
+def export_inference_checkpoint(src: str, dst: str, half: bool = True, clip_x0: float | None = 4.0) -> str:
+    """Copy the inference parts of checkpoint ``src`` (a folder, or a root: its latest) to ``dst``.
+
+    ``clip_x0`` is stored as the bundle's recommended sampler setting (``config['sampling']``): on the
+    demo checkpoint, clipping x̂0 to +-4 cut the RMSE of DDIM samples from 0.258 to 0.177 (3 held-out
+    pairs, 20 steps) by keeping an under-trained model's early x̂0 from blowing up.
+    """
     uri = src if storage.exists(storage.join(src, "checkpoint.json")) else latest_checkpoint(src)
     if uri is None:
         raise ValueError(f"no complete checkpoint at {src}")
@@ -66,7 +71,8 @@ def export_inference_checkpoint(src: str, dst: str, half: bool = True) -> str:
     if missing:
         raise ValueError(f"{uri} lacks {sorted(missing)}: not a TCDM training checkpoint")
     config = {**ck.config, "exported_from": {"uri": uri, "digest": ck.digest, "step": ck.step},
-              "weights_dtype": "float16" if half else "float32"}
+              "weights_dtype": "float16" if half else "float32",
+              "sampling": {**(ck.config.get("sampling") or {}), "clip_x0": clip_x0}}
     digest = save_checkpoint(dst, config=config, state_dicts=parts, step=ck.step, half=half)
     storage.atomic_write_bytes(storage.join(dst, "DIGEST"), f"{digest}\n".encode())
     hist = parts.get("history")
@@ -81,9 +87,10 @@ def main(argv=None) -> None:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--float32", action="store_true", help="keep float32 weights")
+    ap.add_argument("--clip-x0", type=float, default=4.0, help="recommended x0 clipping for sampling (<=0: none)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(export_inference_checkpoint(a.src, a.dst, half=not a.float32))
+    print(export_inference_checkpoint(a.src, a.dst, half=not a.float32, clip_x0=a.clip_x0 if a.clip_x0 > 0 else None))
 
 
 if __name__ == "__main__":
