@@ -17,13 +17,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the synthesis job lands, the main job is `prepare` on the bundled phantoms.
+# The main job on its embedded defaults: 8 demo samples -> outputs/<timestamp>/
 demo: install
-	$(BIN)/python jobs/prepare.py source=phantom:8 preset=demo out=outputs/demo
-	@echo "demo: outputs/demo/{cases/,cases.parquet,rejects.parquet,preview.png}"
+	$(BIN)/python jobs/synthesize.py
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Reproduce the bundled demo checkpoint from scratch on phantoms (about 1 hour on 2 CPU cores;
+# reruns resume from outputs/weights/).
+weights: install
+	$(BIN)/python jobs/train_vae.py preset=demo model=demo data=phantom:24 out=outputs/weights/vae 'train.crop=[32,32,32]' train.steps=400 train.batch_size=2 train.lr=1e-3 train.checkpoint_every=100 trainer.progress=false
+	$(BIN)/python jobs/train_tcdm.py preset=demo model=demo data=phantom:24 vae=outputs/weights/vae out=outputs/weights/tcdm train.steps=500 train.lr=3e-4 train.checkpoint_every=100 train.keep_checkpoints=2
+	$(BIN)/python -m fcas.models.export outputs/weights/tcdm checkpoints/demo
 
 clean:
 	rm -rf outputs .pytest_cache

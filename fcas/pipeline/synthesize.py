@@ -36,15 +36,16 @@ log = logging.getLogger(__name__)
 class Resources:
     sampler_actors: tuple[int, int] = (1, 1)   # (min, max) actor pool size
     sampler_gpus: float = 0.0                  # per sampler actor (1 on GPU clusters)
-    sampler_cpus: float = 1.0
+    sampler_cpus: float = 0.5
     sampler_batch_size: int = 1
     mgm_actors: tuple[int, int] = (1, 1)
-    mgm_cpus: float = 0.5
+    mgm_cpus: float = 0.25
     writer_cpus: float = 0.4
     plan_cpus: float = 0.1
     writer_batch_size: int = 4                 # samples per manifest shard
-    # Logical CPUs: actors hold theirs for the whole run, so the defaults add up to 2 (a laptop)
-    # and leave room for the plan and writer tasks; clusters raise the actor counts.
+    # Logical CPUs: actors hold theirs for the whole run; the defaults leave a whole CPU of a
+    # 2-CPU laptop free for Ray Data's own 1-CPU tasks, or the pipeline would wait forever.
+    # Clusters raise the actor counts (and give the sampler a GPU).
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ def template_library(job: SynthesisJob, ray_address: str | None = None) -> Templ
     return TemplateLibrary.from_manifest(src)
 
 
-def plan_batch(batch: dict, library: TemplateLibrary, run_seed: int, skip: frozenset) -> dict:
-    """Plan stage: ``{"id": (B,)}`` -> plan columns, dropping ids already finished."""
-    plans = [plan_sample(run_seed, int(i), library) for i in batch["id"] if int(i) not in skip]
+def plan_batch(batch: dict, library: TemplateLibrary, run_seed: int) -> dict:
+    """Plan stage: ``{"id": (B,)}`` sample ids -> plan columns."""
+    plans = [plan_sample(run_seed, int(i), library) for i in batch["id"]]
     cols = ("sample_id", "seed", "template_id", "template_image_uri", "template_label_uri",
             "reference_id", "reference_label_uri")
     out = {c: np.asarray([p[c] for p in plans], dtype=np.int64 if c in ("sample_id", "seed") else object)
@@ -106,13 +107,14 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     r = job.resources
     counts = {"written": 0, "rejected": 0}
     if todo:
-        ds = ray.data.range(job.n, override_num_blocks=max(1, min(job.n, 1000)))
-        ds = ds.map_batches(partial(plan_batch, library=library, run_seed=job.run_seed, skip=frozenset(done)),
+        # ids from the driver (no read tasks: they would need a whole CPU the actors may hold)
+        ds = ray.data.from_items([{"id": i} for i in todo], override_num_blocks=max(1, min(len(todo), 1000)))
+        ds = ds.map_batches(partial(plan_batch, library=library, run_seed=job.run_seed),
                             batch_size=64, num_cpus=r.plan_cpus)
         ds = ds.map_batches(MGMStage, fn_constructor_kwargs={"cfg": job.mgm or None, "schema": job.schema},
-                            batch_size=1, num_cpus=r.mgm_cpus, concurrency=tuple(r.mgm_actors))
+                            batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors))
         ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler},
-                            batch_size=r.sampler_batch_size, concurrency=tuple(r.sampler_actors),
+                            batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
                             num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus)
         ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview),
                             batch_size=r.writer_batch_size, num_cpus=r.writer_cpus)
@@ -147,6 +149,13 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     }
     storage.atomic_write_bytes(storage.join(job.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _pool(size: tuple[int, int]):
+    lo, hi = (int(v) for v in size)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"actor pool size must be (min, max) with 1 <= min <= max, got {tuple(size)}")
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
 def _progress(total: int, enabled: bool):
