@@ -9,8 +9,8 @@ where a plain ``ray.init()`` would find and join it), free ports for every compo
 ``RAY_ADDRESS``; this test talks to it only by explicit address and stops only the processes it
 started (the head's process tree, by pid).
 
-The job is a table entry; switch to the synthesis job with ``FCAS_CLUSTER_TEST_JOB=synthesize``
-(or by changing ``DEFAULT_JOB`` once ``jobs/synthesize.py`` is in).
+The job is a table entry: the synthesis job at the tiny preset by default (with the session's tiny
+checkpoint), ``FCAS_CLUSTER_TEST_JOB=prepare`` for the prepare job.
 """
 from __future__ import annotations
 
@@ -53,10 +53,11 @@ JOBS = {
         ("python", "jobs/prepare.py", "source=phantom:3", "preset=tiny", "out={out}"),
         manifest="cases.parquet", rows=3, key="case_id"),
     "synthesize": ClusterJob(
-        ("python", "jobs/synthesize.py", "preset=tiny", "n=4", "out={out}"),
+        ("python", "jobs/synthesize.py", "preset=tiny", "n=4", "out={out}", "checkpoint={ckpt}",
+         "templates=phantom:2", "sampler.steps=3", "ssv.every=1", "progress=false"),
         manifest="manifest", rows=4, key="sample_id"),
 }
-DEFAULT_JOB = "prepare"  # -> "synthesize" once jobs/synthesize.py exists
+DEFAULT_JOB = "synthesize"
 FORWARDED_ENDPOINT = "http://127.0.0.1:9/not-a-real-endpoint"
 JOB_TIMEOUT_S = 300  # typical: 30-60 s on 2 busy cores; the bound is for a loaded CI machine
 
@@ -189,11 +190,11 @@ def _job_status(env: dict[str, str], submission_id: str, timeout: float) -> str:
         time.sleep(1)
 
 
-def test_local_sh_runs_a_job_through_ray_job_submit(local_cluster):
+def test_local_sh_runs_a_job_through_ray_job_submit(local_cluster, tiny_checkpoint):
     job = JOBS[os.environ.get("FCAS_CLUSTER_TEST_JOB", DEFAULT_JOB)]
     env = local_cluster.env
     out = local_cluster.workdir / "out"  # absolute: the job runs in an uploaded copy of the repo
-    command = [part.format(out=out) for part in job.command]
+    command = [part.format(out=out, ckpt=tiny_checkpoint) for part in job.command]
     tag = uuid.uuid4().hex[:8]
     job_id, probe_id = f"fcas-test-job-{tag}", f"fcas-test-probe-{tag}"
 

@@ -40,9 +40,10 @@ def test_twelve_samples_end_to_end(run12):
     out, summary = run12
     table = read_run_manifest(str(out))
     rows = table.to_pylist()
-    assert summary["n_written"] + summary["n_rejected"] == 12
-    assert sorted(r["sample_id"] for r in rows) == sorted(set(r["sample_id"] for r in rows))
-    assert summary["n_written"] == len(rows) >= 10  # MGM QC may reject a few; they are counted
+    # every draw is seeded by (run seed, id), so this run's MGM QC outcome is fixed: all 12 pass
+    assert summary["n_rejected"] == 0
+    assert sorted(r["sample_id"] for r in rows) == list(range(12))
+    assert summary["n_written"] == len(rows) == 12
     tmpl = nifti.read_nifti(str(out / "templates" / "cases" / f"{rows[0]['template_id']}_image.nii.gz"))
     for r in rows:
         img, lab, cm = (nifti.read_nifti(r[k]) for k in ("image_uri", "label_uri", "confidence_uri"))
