@@ -27,6 +27,18 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+
+def read_config(group: str, name_or_path: str, what: str) -> dict:
+    """YAML of ``configs/<group>/<name>.yaml`` (a bare name) or of a path; ``what`` names it in errors."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / group / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise ValueError(f"unknown {what} {name_or_path!r} (no file {path}); known: {known}")
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
 CARDIAC_CLASSES = (
     "left_ventricle",
     "right_ventricle",
@@ -204,13 +216,7 @@ def _schema_from_dict(d: Mapping) -> LabelSchema:
 @lru_cache(maxsize=8)
 def load_schema(name_or_path: str = "cardiac") -> LabelSchema:
     """Load a schema by name (``configs/labels/<name>.yaml``) or from a YAML path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / "labels" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ValueError(f"label schema file not found: {path}")
-    with open(path) as fh:
-        return _schema_from_dict(yaml.safe_load(fh))
+    return _schema_from_dict(read_config("labels", name_or_path, "label schema"))
 
 
 def default_schema() -> LabelSchema:

@@ -7,9 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import yaml
-
-from fcas.labels import CONFIG_DIR
+from fcas.labels import read_config
 
 
 @dataclass(frozen=True)
@@ -26,12 +24,7 @@ class Preset:
 
 @lru_cache(maxsize=8)
 def load_preset(name: str) -> Preset:
-    path = CONFIG_DIR / "preset" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "preset").glob("*.yaml"))
-        raise ValueError(f"unknown preset {name!r}; known presets: {known}")
-    with open(path) as fh:
-        d = yaml.safe_load(fh)
+    d = read_config("preset", name, "preset")
     return Preset(
         name=d["name"],
         shape=tuple(int(v) for v in d["shape"]),

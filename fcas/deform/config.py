@@ -10,15 +10,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from pathlib import Path
 from typing import Mapping
 
-import yaml
 
 from fcas.deform.mgm import CLOSINGS, OVERLAPS
 from fcas.deform.params import MGMRanges
 from fcas.deform.qc import QCThresholds
-from fcas.labels import CONFIG_DIR
+from fcas.labels import read_config
 
 __all__ = ["MGMConfig", "load_mgm_config", "KEEPS", "ON_FAIL"]
 
@@ -118,11 +116,4 @@ def _plain(v):
 @lru_cache(maxsize=16)
 def load_mgm_config(name_or_path: str = "default") -> MGMConfig:
     """``configs/mgm/<name>.yaml`` (or a YAML path) -> :class:`MGMConfig`."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / "mgm" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "mgm").glob("*.yaml"))
-        raise ValueError(f"unknown MGM config {name_or_path!r}; known: {known}")
-    with open(path) as fh:
-        return MGMConfig.from_dict(yaml.safe_load(fh) or {})
+    return MGMConfig.from_dict(read_config("mgm", name_or_path, "MGM config"))

@@ -21,12 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from fcas.diffusion.conditioning import ConditionConfig, build_c_raw
 from fcas.diffusion.data import CaseArrays, load_cases, pair_batch
-from fcas.diffusion.losses import bidirectional_loss, p_losses
+from fcas.diffusion.losses import bidirectional_loss
 from fcas.diffusion.pairs import sample_pairs, step_rng
 from fcas.diffusion.schedulers import SchedulerConfig, build_train_scheduler
 from fcas.models.bundle import load_vae
@@ -40,7 +39,7 @@ from fcas.models.checkpoint import (
     save_checkpoint,
 )
 from fcas.io import storage
-from fcas.models.networks import ModelConfig, build_tcdm
+from fcas.models.networks import ModelConfig, build_tcdm, jsonable
 from fcas.models.vae import compute_scale_factor, vae_encode
 
 log = logging.getLogger(__name__)
@@ -122,19 +121,11 @@ class TCDMSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["model"] = self.model.to_dict()
-        return _plain(d)
+        return jsonable(d)
 
     def arch(self) -> dict:
         d = self.to_dict()
         return {k: d[k] for k in ARCH_KEYS}
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def _torch_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:

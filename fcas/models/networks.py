@@ -13,7 +13,7 @@ Shapes (3D, ``spatial_dims=3``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
@@ -118,14 +118,15 @@ class ModelConfig:
         )
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
-def _jsonable(x):
+def jsonable(x):
+    """Dicts, lists and tuples -> plain dicts and lists (JSON-ready); other values unchanged."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
