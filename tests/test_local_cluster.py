@@ -205,8 +205,14 @@ def test_local_sh_runs_a_job_through_ray_job_submit(local_cluster, tiny_checkpoi
     assert probe.returncode == 0, f"submit --no-wait failed:\n{probe.stdout}\n{probe.stderr}"
 
     # the head carries the cloud node types' label for its CPUs (cluster/aws.yaml: cpu_worker)
-    status = _local_sh(env, "status", timeout=60)
-    assert status.returncode == 0, status.stderr
+    # (`ray status` answers "No cluster status" for a few seconds after the head starts: ask again)
+    deadline = time.monotonic() + 60
+    while True:
+        status = _local_sh(env, "status", timeout=60)
+        assert status.returncode == 0, status.stderr
+        if re.search(r"/2\.0 cpu_worker", status.stdout) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert re.search(r"/2\.0 cpu_worker", status.stdout), status.stdout
 
     # the job itself: `ray job submit` waits, tails the logs, exits 1 when the job FAILED
