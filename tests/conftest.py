@@ -124,12 +124,17 @@ def s3_uri(s3_server, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
+    """Ray workers get this session's S3 endpoint and (fake) credentials through the runtime
+    environment, the way a cluster passes them: they do not inherit variables set after start."""
     import ray
 
+    s3_env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                         "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                                         "NO_PROXY", "no_proxy") if k in os.environ}
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", **s3_env}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -143,26 +148,6 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """URI of a TCDM checkpoint folder at the tiny preset, trained for 2 steps on phantoms."""
-    import warnings
+    from fcas.diffusion.training import smoke_checkpoint
 
-    import yaml
-
-    from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
-    from fcas.labels import CONFIG_DIR
-    from fcas.models.checkpoint import latest_checkpoint
-    from fcas.presets import load_preset
-
-    preset = load_preset("tiny")
-    model = yaml.safe_load((CONFIG_DIR / "model" / "tiny.yaml").read_text())
-    model.pop("name", None)
-    out = tmp_path_factory.mktemp("tcdm-tiny")
-    settings = TCDMSettings.from_dict({
-        "data": "phantom:3", "out": str(out), "shape": preset.shape, "spacing": preset.spacing, "preset": "tiny",
-        "model": model, "train": {"steps": 2, "checkpoint_every": 2, "scale_factor_cases": 2},
-    })
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_tcdm_loop(settings, progress=False)
-    uri = latest_checkpoint(str(out))
-    assert uri is not None
-    return uri
+    return smoke_checkpoint(str(tmp_path_factory.mktemp("tcdm-tiny")))

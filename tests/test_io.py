@@ -174,6 +174,22 @@ def test_nifti_round_trip(base, suffix, kind, dtype):
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_fraction_kind_is_uint8_on_disk_and_float_in_memory(tmp_path, suffix):
+    """Confidence maps: 1 byte per voxel on disk, read back within half a step of 1/255."""
+    arr = _volume("float")
+    arr[0, 0, 0], arr[0, 0, 1] = 0.0, 1.0
+    uri = str(tmp_path / f"cm{suffix}")
+    write_nifti(uri, arr, AXIS_AFFINE, kind="fraction")
+    assert read_header(uri).dtype == np.uint8
+    vol = read_nifti(uri)
+    assert vol.array.dtype == np.float32
+    assert np.abs(vol.array - arr).max() <= 0.5 / 255 + 1e-6
+    assert vol.array[0, 0, 0] == 0.0 and vol.array[0, 0, 1] == 1.0 and vol.array.max() <= 1.0
+    with pytest.raises(ValueError, match=r"fraction values must lie in \[0, 1\]"):
+        write_nifti(str(tmp_path / f"bad{suffix}"), arr + 1.0, AXIS_AFFINE, kind="fraction")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_oblique_anisotropic_affine_preserved(tmp_path, suffix):
     aff = _oblique_affine()
     arr = _volume("label", shape=(9, 4, 3))

@@ -327,3 +327,30 @@ def train_tcdm_loop(
         "scale_factor": scale_factor,
         "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
     }
+
+
+def smoke_checkpoint(out: str, preset: str = "tiny", data: str = "phantom:3", steps: int = 2) -> str:
+    """Train ``steps`` steps at ``preset`` (random VAE) into ``out``; returns the checkpoint URI.
+
+    Not a useful model: a real, loadable checkpoint of the preset's architecture for tests and
+    benchmarks that need one in seconds.
+    """
+    import warnings
+
+    from fcas.labels import read_config
+    from fcas.presets import load_preset
+
+    p = load_preset(preset)
+    model = dict(read_config("model", preset, "model config"))
+    model.pop("name", None)
+    settings = TCDMSettings.from_dict({
+        "data": data, "out": str(out), "shape": p.shape, "spacing": p.spacing, "preset": preset,
+        "model": model, "train": {"steps": steps, "checkpoint_every": steps, "scale_factor_cases": 2},
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_tcdm_loop(settings, progress=False)
+    uri = latest_checkpoint(str(out))
+    if uri is None:
+        raise RuntimeError(f"training {steps} steps wrote no checkpoint under {out}")
+    return uri

@@ -45,7 +45,8 @@ __all__ = [
     "write_nifti",
 ]
 
-KINDS = ("image", "label", "float")
+KINDS = ("image", "label", "float", "fraction")
+FRACTION_LEVELS = 255   # "fraction" volumes (confidence maps): uint8 steps of 1/255, scl_slope = 1/255
 _NIFTI1_SIZE = 348
 _NIFTI2_SIZE = 540
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -250,6 +251,8 @@ def read_nifti(uri: str | os.PathLike, max_voxels: int | None = None) -> Volume:
         raise _err(uri, f"cannot read NIfTI: {exc}") from exc
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype == np.float64 and np.issubdtype(info.dtype, np.integer):
+        array = array.astype(np.float32)   # integers scaled by scl_slope: float32 holds their precision
     return Volume(array=np.asarray(array), affine=np.asarray(img.affine, dtype=np.float64))
 
 
@@ -264,6 +267,10 @@ def _to_kind(array: np.ndarray, kind: str, uri) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating) and a.size and not np.all(np.isfinite(a)):
         bad = int(np.count_nonzero(~np.isfinite(a)))
         raise ValueError(f"{os.fspath(uri)}: {bad} non-finite values in a {kind!r} array")
+    if kind == "fraction":
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f"{os.fspath(uri)}: fraction values must lie in [0, 1], got range [{a.min()}, {a.max()}]")
+        return np.rint(a.astype(np.float64) * FRACTION_LEVELS).astype(np.uint8)
     if kind == "image":
         if np.issubdtype(a.dtype, np.floating):
             a = np.rint(a)
@@ -295,7 +302,8 @@ def write_nifti(
         affine: ``(4, 4)`` voxel-to-world matrix (RAS+, mm).
         kind: ``"image"`` -> int16 HU (float input rounded, all input clipped to the int16
             range; NaN refused); ``"label"`` -> uint8 (values outside 0..255 or non-integer
-            refused); ``"float"`` -> float32.
+            refused); ``"float"`` -> float32; ``"fraction"`` -> values in [0, 1] stored as uint8
+            in steps of 1/255 with ``scl_slope`` = 1/255 (read back as float32, error <= 1/510).
         compresslevel: gzip level for ``.nii.gz`` (1 = nibabel's default, fast).
 
     Raises:
@@ -324,6 +332,8 @@ def write_nifti(
     img.header.set_xyzt_units("mm")
     if kind == "label":
         img.header.set_intent("label")
+    if kind == "fraction":
+        img.header.set_slope_inter(1.0 / FRACTION_LEVELS, 0.0)
     payload = img.to_bytes()
     if compress:
         payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)

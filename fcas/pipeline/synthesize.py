@@ -106,6 +106,7 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     log.info("synthesize: %d of %d samples to do (%d already finished) -> %s", len(todo), job.n, len(done), job.out)
     r = job.resources
     counts = {"written": 0, "rejected": 0}
+    arrivals: list[tuple[float, int]] = []     # (time, samples) of each writer batch at the driver
     if todo:
         # ids from the driver (no read tasks: they would need a whole CPU the actors may hold)
         ds = ray.data.from_items([{"id": i} for i in todo], override_num_blocks=max(1, min(len(todo), 1000)))
@@ -120,6 +121,7 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
                             batch_size=r.writer_batch_size, num_cpus=r.writer_cpus)
         bar = _progress(len(todo), progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            arrivals.append((time.time(), len(batch["status"])))
             for s in batch["status"]:
                 counts[str(s)] += 1
             bar.update(len(batch["status"]))
@@ -140,6 +142,9 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
         "n_rejected": n_rejects,
         "seconds": round(elapsed, 2),
         "samples_per_s": round(counts["written"] / elapsed, 4) if elapsed > 0 else None,
+        # after the first batch arrived: start-up (Ray, templates, model loads) excluded
+        "first_batch_s": round(arrivals[0][0] - t_start, 2) if arrivals else None,
+        "steady_samples_per_s": _steady_rate(arrivals),
         "stage_seconds_total": {k: round(v, 3) for k, v in sorted(stage.items())},
         "peak_rss_mb_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "checkpoint": job.checkpoint,
@@ -149,6 +154,13 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     }
     storage.atomic_write_bytes(storage.join(job.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
+    """Samples/s between the first and the last batch the driver received (None with < 2 batches)."""
+    if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
+        return None
+    return round(sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0]), 4)
 
 
 def _pool(size: tuple[int, int]):

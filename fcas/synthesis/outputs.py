@@ -68,7 +68,7 @@ def write_sample(out: str, sample_id: int, image_hu: np.ndarray, label: np.ndarr
     uris = sample_uris(out, sample_id, preview=preview_png is not None)
     nifti.write_nifti(uris["image_uri"], image_hu, affine, kind="image")
     nifti.write_nifti(uris["label_uri"], label, affine, kind="label")
-    nifti.write_nifti(uris["confidence_uri"], np.clip(confidence, 0.0, 1.0), affine, kind="float")
+    nifti.write_nifti(uris["confidence_uri"], np.clip(confidence, 0.0, 1.0), affine, kind="fraction")
     if preview_png is not None:
         storage.atomic_write_bytes(uris["preview_uri"], preview_png)
     return uris
