@@ -100,6 +100,7 @@ class EvaluateSettings:
     scatter_points: int = 20000
     max_samples: int | None = None
     seed: int = 0
+    device: str = "cpu"                    # cpu | cuda | auto: where SSIM and the FID encoder run
 
     def __post_init__(self) -> None:
         checks = {"mode": (self.mode, MODES), "classes": (self.classes, ("cardiac", "all")),
@@ -530,7 +531,8 @@ def evaluate_synthesis(s: EvaluateSettings, features: VAEEncoderFeatures | None 
     if not storage.exists(lib_uri):
         raise ValueError(f"template library {lib_uri!r} does not exist; pass templates=<cases.parquet>")
     library = {r["case_id"]: r for r in manifest.read_table(lib_uri).to_pylist()}
-    features = features or VAEEncoderFeatures.from_checkpoint(s.fid_features, s.fid_layers, s.fid_resize)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    features = features or VAEEncoderFeatures.from_checkpoint(s.fid_features, s.fid_layers, s.fid_resize, device)
     lp_net = make_lpips(s.lpips_weights)
 
     @lru_cache(maxsize=4)
@@ -557,7 +559,7 @@ def evaluate_synthesis(s: EvaluateSettings, features: VAEEncoderFeatures | None 
             continue
         mask = lab > 0 if s.mask == "label" else None
         rec = {"sample_id": sid, "template_id": row["template_id"], "reference_id": row["reference_id"],
-               "target_id": tid, "ssim": ssim(img, tgt, mask, win_size=s.ssim_win), "rmse": rmse(img, tgt, mask),
+               "target_id": tid, "ssim": ssim(img, tgt, mask, win_size=s.ssim_win, device=device), "rmse": rmse(img, tgt, mask),
                "mask_voxels": int(mask.sum()) if mask is not None else int(img.size)}
         if lp_net is not None:
             rec["lpips"] = lpips(lp_net, img, tgt)

@@ -251,3 +251,16 @@ def test_hydra_entry_point_segmentation_with_learning_curve(tmp_path, seg_folder
     for name in ("report.md", "metrics.json", "dice_per_class.png", "learning_curve.png"):
         assert storage.exists(str(tmp_path / "out" / name))
     assert "learning_curve.png" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_segmentation_on_s3(s3_uri, phantoms):
+    """Ground truth, predictions and the report all on s3:// (the test's moto server)."""
+    case = phantoms[0]
+    nifti.write_nifti(f"{s3_uri}/gt/a_label.nii.gz", case.label, case.affine, kind="label")
+    nifti.write_nifti(f"{s3_uri}/pred/a.nii.gz", _perturb(case.label, "shift"), case.affine, kind="label")
+    m = run_evaluation(EvaluateSettings(data=f"{s3_uri}/gt", pred=f"{s3_uri}/pred", out=f"{s3_uri}/out"))
+    want = dice_per_class(_perturb(case.label, "shift"), case.label, default_schema().cardiac_ids)
+    assert m["per_case"][0]["mean_dice"] == pytest.approx(np.mean(list(want.values())))
+    saved = json.loads(storage.read_bytes(f"{s3_uri}/out/metrics.json"))
+    assert saved["mean_dice"] == pytest.approx(m["mean_dice"])
+    assert storage.read_bytes(f"{s3_uri}/out/dice_per_class.png").startswith(PNG)

@@ -83,10 +83,11 @@ class VAEEncoderFeatures:
             residual block of every resolution level.
         name: what the report calls the network (checkpoint URI and digest).
         resize: resample every volume to this ``(X, Y, Z)`` first (trilinear), or ``None``.
+        device: where the encoder runs; features come back on the CPU.
     """
 
     def __init__(self, vae: nn.Module, layers: Sequence[int] | None = None, name: str = "vae",
-                 resize: Sequence[int] | None = None) -> None:
+                 resize: Sequence[int] | None = None, device: str | torch.device = "cpu") -> None:
         blocks = getattr(getattr(vae, "encoder", None), "blocks", None)
         if blocks is None:
             raise ValueError(f"{type(vae).__name__} has no encoder.blocks: not a MONAI AutoencoderKL")
@@ -100,12 +101,13 @@ class VAEEncoderFeatures:
         self.layers = tuple(layers)
         self.name = name
         self.resize = None if resize is None else tuple(int(s) for s in resize)
-        self.vae = vae.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.vae = vae.eval().requires_grad_(False).to(self.device)
         self._dim: int | None = None
 
     @classmethod
     def from_checkpoint(cls, spec: str, layers: Sequence[int] | None = None,
-                        resize: Sequence[int] | None = None) -> "VAEEncoderFeatures":
+                        resize: Sequence[int] | None = None, device: str | torch.device = "cpu") -> "VAEEncoderFeatures":
         """From a TCDM or VAE checkpoint folder (or a training output root), e.g. ``checkpoints/demo``."""
         from fcas.models.bundle import load_vae
         from fcas.models.networks import VAEConfig
@@ -113,7 +115,7 @@ class VAEEncoderFeatures:
         if spec in (None, "", "random", "none"):
             raise ValueError("FID features need a trained VAE checkpoint; an untrained one measures nothing")
         vae, _, _, digest = load_vae(str(spec), VAEConfig())
-        return cls(vae, layers, name=f"{spec} (digest {digest[:12]})", resize=resize)
+        return cls(vae, layers, name=f"{spec} (digest {digest[:12]})", resize=resize, device=device)
 
     @property
     def description(self) -> str:
@@ -131,7 +133,7 @@ class VAEEncoderFeatures:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, X, Y, Z)`` float in [0, 1] -> features ``(B, F)`` float64."""
-        x = torch.as_tensor(images, dtype=torch.float32)
+        x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, X, Y, Z), got {tuple(x.shape)}")
         if self.resize and tuple(x.shape[2:]) != self.resize:
@@ -141,7 +143,7 @@ class VAEEncoderFeatures:
             x = block(x)
             if i in self.layers:
                 pooled.append(x.mean(dim=tuple(range(2, x.ndim))))
-        return torch.cat(pooled, dim=1).to(torch.float64)
+        return torch.cat(pooled, dim=1).to("cpu", torch.float64)
 
 
 def make_lpips(weights: str | None):

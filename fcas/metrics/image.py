@@ -50,23 +50,29 @@ def _pair(x, y, mask):
     return a, b, m
 
 
-def ssim_map(image, target, win_size: int = 7, kernel_sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
-    """Local SSIM map ``(X - w + 1, Y - w + 1, Z - w + 1)`` (MONAI, Gaussian window ``w = win_size``)."""
+def ssim_map(image, target, win_size: int = 7, kernel_sigma: float = 1.5, data_range: float = 1.0,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """Local SSIM map ``(X - w + 1, Y - w + 1, Z - w + 1)`` (MONAI, Gaussian window ``w = win_size``), returned on the CPU.
+
+    ``device``: where the convolutions run (a 512x512x256 volume takes minutes on one CPU core).
+    """
     a, b, _ = _pair(image, target, None)
+    a, b = a.to(device), b.to(device)
     if win_size < 1 or win_size % 2 == 0 or win_size > min(a.shape):
         raise ValueError(f"win_size must be odd and at most the smallest axis {min(a.shape)}, got {win_size}")
     s, _ = compute_ssim_and_cs(a.clamp(0, 1)[None, None], b.clamp(0, 1)[None, None], spatial_dims=3,
                                kernel_size=[win_size] * 3, kernel_sigma=[kernel_sigma] * 3, data_range=data_range)
-    return s[0, 0]
+    return s[0, 0].cpu()
 
 
-def ssim(image, target, mask=None, win_size: int = 7, kernel_sigma: float = 1.5, data_range: float = 1.0) -> float:
+def ssim(image, target, mask=None, win_size: int = 7, kernel_sigma: float = 1.5, data_range: float = 1.0,
+         device: str | torch.device = "cpu") -> float:
     """SSIM (seed Eq. 10) of ``image`` vs ``target`` ``(X, Y, Z)`` in [0, 1], averaged over ``mask`` voxels.
 
     ``mask``: boolean ``(X, Y, Z)`` or ``None`` (whole volume; equals MONAI ``SSIMMetric``).
     """
     a, b, m = _pair(image, target, mask)
-    s = ssim_map(a, b, win_size, kernel_sigma, data_range)
+    s = ssim_map(a, b, win_size, kernel_sigma, data_range, device)
     if m is None:
         return float(s.mean())
     r = (win_size - 1) // 2
