@@ -1,7 +1,6 @@
 """fcas.evaluation + jobs/evaluate.py on tiny phantom data written in the test."""
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -197,13 +196,16 @@ def test_synthesis_report_matches_direct_metric_calls(tmp_path, synthesis_run, f
     assert json.loads((out / "metrics.json").read_text())["rmse_mean"] == pytest.approx(m["rmse_mean"])
 
 
-def test_synthesis_against_the_reference_image(tmp_path, synthesis_run):
-    m = run_evaluation(EvaluateSettings(mode="synthesis", run=str(synthesis_run), out=str(tmp_path / "e"),
-                                        target="reference", mask="all", fid_real=("reference",), max_samples=2,
-                                        fid_features=str(ROOT / "checkpoints" / "demo")))
+def test_synthesis_against_the_reference_image_same_figures_with_any_thread_count(tmp_path, synthesis_run):
+    kw = dict(mode="synthesis", run=str(synthesis_run), target="reference", mask="all", fid_real=("reference",),
+              max_samples=3, fid_features=str(ROOT / "checkpoints" / "demo"))
+    m = run_evaluation(EvaluateSettings(out=str(tmp_path / "e1"), workers=1, **kw))
     assert [r["target_id"] for r in m["per_sample"]] == [r["reference_id"] for r in m["per_sample"]]
     assert all(r["mask_voxels"] == 32 ** 3 for r in m["per_sample"])
-    assert m["fid"]["n_real"] == 2 and m["fid"]["n_synth"] == 2 and "real_vs_real" not in m["fid"]
+    assert m["fid"]["n_real"] == 2 and m["fid"]["n_synth"] == 3 and "real_vs_real" not in m["fid"]
+    m3 = run_evaluation(EvaluateSettings(out=str(tmp_path / "e3"), workers=3, **kw))
+    for key in ("per_sample", "fid", "confidence_vs_error", "ssim_mean", "rmse_mean"):
+        assert m3[key] == m[key]
 
 
 # ---- learning curves, settings, job ---------------------------------------------------------
