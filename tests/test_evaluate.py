@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fcas.diffusion.conditioning import hu_to_unit
-from fcas.evaluation import (EvaluateSettings, read_learning_curve, run_evaluation, settings_from_dict)
+from fcas.evaluation import (EvaluateSettings, evaluate_pairs, read_learning_curve, run_evaluation,
+                             settings_from_dict)
 from fcas.io import manifest, nifti, storage
 from fcas.labels import default_schema
 from fcas.metrics import VAEEncoderFeatures, dice_per_class, fid, rdice_per_class, rmse, ssim
@@ -157,7 +158,8 @@ def synthesis_run(tmp_path, phantoms):
 
 @pytest.fixture(scope="module")
 def features():
-    return VAEEncoderFeatures.from_checkpoint(str(ROOT / "checkpoints" / "demo"))
+    """The demo VAE's encoder on volumes resampled to 16^3 (an encoder pass at 32^3 takes ~0.5 s on a busy core)."""
+    return VAEEncoderFeatures.from_checkpoint(str(ROOT / "checkpoints" / "demo"), resize=(16, 16, 16))
 
 
 def _unit(uri):
@@ -167,7 +169,7 @@ def _unit(uri):
 def test_synthesis_report_matches_direct_metric_calls(tmp_path, synthesis_run, features, phantoms):
     out = tmp_path / "eval"
     s = EvaluateSettings(mode="synthesis", run=str(synthesis_run), out=str(out), cm_bins=5,
-                         fid_features=str(ROOT / "checkpoints" / "demo"))
+                         fid_features=str(ROOT / "checkpoints" / "demo"), fid_resize=(16, 16, 16))
     m = run_evaluation(s)
     assert m["n_samples"] == 4 and [r["sample_id"] for r in m["rejects"]] == [9]
     lib = {r["case_id"]: r for r in manifest.read_table(str(synthesis_run / "templates" / "cases.parquet")).to_pylist()}
@@ -183,7 +185,7 @@ def test_synthesis_report_matches_direct_metric_calls(tmp_path, synthesis_run, f
         feats.append(features(torch.from_numpy(img)[None, None])[0])
     real = torch.stack([features(torch.from_numpy(_unit(lib[c]["image_uri"]))[None, None])[0] for c in sorted(lib)])
     assert m["fid"]["value"] == pytest.approx(fid(torch.stack(feats), real), rel=1e-6)
-    assert m["fid"]["n_real"] == 4 and "checkpoints/demo" in m["fid"]["features"]
+    assert m["fid"]["n_real"] == 4 and "checkpoints/demo" in m["fid"]["features"] and "(16, 16, 16)" in m["fid"]["features"]
     assert "real_vs_real" in m["fid"]
     cm = m["confidence_vs_error"]
     assert cm["n_voxels"] == 4 * 32 ** 3 and cm["pearson"] < -0.9 and cm["spearman_subsample"] < -0.5
@@ -198,7 +200,7 @@ def test_synthesis_report_matches_direct_metric_calls(tmp_path, synthesis_run, f
 
 def test_synthesis_against_the_reference_image_same_figures_with_any_thread_count(tmp_path, synthesis_run):
     kw = dict(mode="synthesis", run=str(synthesis_run), target="reference", mask="all", fid_real=("reference",),
-              max_samples=3, fid_features=str(ROOT / "checkpoints" / "demo"))
+              max_samples=3, fid_features=str(ROOT / "checkpoints" / "demo"), fid_resize=(16, 16, 16))
     m = run_evaluation(EvaluateSettings(out=str(tmp_path / "e1"), workers=1, **kw))
     assert [r["target_id"] for r in m["per_sample"]] == [r["reference_id"] for r in m["per_sample"]]
     assert all(r["mask_voxels"] == 32 ** 3 for r in m["per_sample"])
@@ -206,6 +208,23 @@ def test_synthesis_against_the_reference_image_same_figures_with_any_thread_coun
     m3 = run_evaluation(EvaluateSettings(out=str(tmp_path / "e3"), workers=3, **kw))
     for key in ("per_sample", "fid", "confidence_vs_error", "ssim_mean", "rmse_mean"):
         assert m3[key] == m[key]
+
+
+def test_evaluate_pairs_in_memory(features, phantoms):
+    targets = [_unit_hu(c.image) for c in phantoms[:3]]
+    images = [np.clip(t + 0.05, 0, 1) for t in targets]
+    masks = [c.label > 0 for c in phantoms[:3]]
+    m = evaluate_pairs(images, targets, masks, features)
+    assert m["rmse"] == pytest.approx([rmse(a, b, k) for a, b, k in zip(images, targets, masks)])
+    assert m["ssim_mean"] == pytest.approx(np.mean([ssim(a, b, k) for a, b, k in zip(images, targets, masks)]))
+    assert m["fid"] > 0 and evaluate_pairs(targets, targets, None, features)["fid"] == pytest.approx(0, abs=1e-6)
+    assert evaluate_pairs(targets, targets)["ssim_mean"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="as many"):
+        evaluate_pairs(images, targets[:2])
+
+
+def _unit_hu(hu):
+    return hu_to_unit(hu).numpy()
 
 
 # ---- learning curves, settings, job ---------------------------------------------------------

@@ -21,12 +21,12 @@ import numpy as np
 from fcas.evaluation.report import EvaluateSettings, read_learning_curve, settings_from_dict, write_report
 from fcas.evaluation.segmentation import (evaluate_segmentation, match_predictions, run_segmentation,
                                           segmentation_summary)
-from fcas.evaluation.synthesis import evaluate_synthesis
+from fcas.evaluation.synthesis import evaluate_pairs, evaluate_synthesis
 
 __all__ = [
     "EvaluateSettings", "settings_from_dict", "run_evaluation",
     "evaluate_segmentation", "segmentation_summary", "match_predictions", "run_segmentation",
-    "evaluate_synthesis", "read_learning_curve", "write_report",
+    "evaluate_synthesis", "evaluate_pairs", "read_learning_curve", "write_report",
 ]
 
 

@@ -53,7 +53,7 @@ class EvaluateSettings:
     max_samples: int | None = None
     seed: int = 0
     device: str = "cpu"                    # cpu | cuda | auto: where SSIM and the FID encoder run
-    workers: int = 2                       # threads evaluating samples
+    workers: int = 1                       # threads evaluating samples
 
     def __post_init__(self) -> None:
         checks = {"mode": (self.mode, MODES), "classes": (self.classes, ("cardiac", "all")),

@@ -29,7 +29,7 @@ from fcas.io import manifest, nifti, storage
 from fcas.metrics.fid import VAEEncoderFeatures, fid, lpips, make_lpips
 from fcas.metrics.image import rmse, ssim
 
-__all__ = ["evaluate_synthesis"]
+__all__ = ["evaluate_synthesis", "evaluate_pairs"]
 
 
 class _Streamed:
@@ -248,6 +248,35 @@ def evaluate_synthesis(s: EvaluateSettings, features: VAEEncoderFeatures | None 
     plots = {"cm_vs_error.png": _plot_cm((cx, ce), summary["confidence_vs_error"]["bins"],
                                          summary["confidence_vs_error"]["pearson"])}
     return write_report(s, summary, plots, _synthesis_md(summary))
+
+
+def evaluate_pairs(images, targets, masks=None, features: VAEEncoderFeatures | None = None,
+                   win_size: int = 7) -> dict:
+    """Image quality of in-memory pairs (e.g. held-out A@B pairs): SSIM / RMSE per pair and FID of the sets.
+
+    Args:
+        images: synthesized volumes, each ``(X, Y, Z)`` in [0, 1].
+        targets: their targets, same shapes, same order.
+        masks: boolean ``(X, Y, Z)`` per pair (SSIM / RMSE over its voxels) or ``None`` (whole volumes).
+        features: the FID feature network; ``None`` skips FID.
+
+    Returns:
+        ``{"ssim": [..], "rmse": [..], "ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "features"}``.
+    """
+    images, targets = list(images), list(targets)
+    masks = [None] * len(images) if masks is None else list(masks)
+    if not images or len(images) != len(targets) or len(masks) != len(images):
+        raise ValueError(f"need as many targets and masks as images, got {len(images)} / {len(targets)} / {len(masks)}")
+    ss = [ssim(a, b, m, win_size=win_size) for a, b, m in zip(images, targets, masks)]
+    rr = [rmse(a, b, m) for a, b, m in zip(images, targets, masks)]
+    out = {"ssim": ss, "rmse": rr, "fid": None, "features": None}
+    out["ssim_mean"], out["ssim_sd"], _ = _stats(ss)
+    out["rmse_mean"], out["rmse_sd"], _ = _stats(rr)
+    if features is not None and len(images) >= 2:
+        enc = lambda vols: torch.stack([features(torch.as_tensor(np.asarray(v), dtype=torch.float32)[None, None])[0]  # noqa: E731
+                                        for v in vols])
+        out["fid"], out["features"] = fid(enc(images), enc(targets)), features.description
+    return out
 
 
 def _synthesis_md(m: Mapping) -> list[str]:
