@@ -12,6 +12,12 @@ over ``cm_region`` (``all`` or ``mask``): Pearson correlation over every voxel (
 Spearman on a deterministic subsample, and the mean error per confidence bin. A negative
 correlation means low confidence sits where the errors are.
 
+What the figures mean: a synthesized sample has no ground-truth image -- its mask is a reference
+mask deformed by MGM, its context comes from the template. Against the template (default) SSIM /
+RMSE measure how closely the sample follows the template's appearance under the sample's own
+anatomy (and the error map holds the anatomy differences); against the reference they measure
+fidelity only when MGM left the reference mask unchanged (held-out pair evaluation, seed Table 1).
+
 Hand-written glue (target lookup, streamed statistics); the metrics are :mod:`fcas.metrics`.
 """
 from __future__ import annotations
@@ -290,6 +296,9 @@ def _synthesis_md(m: Mapping) -> list[str]:
            f"Run `{m['run']}`, {m['n_samples']} samples against their **{m['target']}** image "
            f"(library `{m['templates']}`). SSIM (MONAI, Gaussian window {m['ssim_win']}) and RMSE in unit "
            f"intensity scale (HU clipped to [-1000, 1000] -> [0, 1]) over {mask}.", "",
+           ("The template is not a ground truth: the sample's anatomy is a deformed reference mask, so these "
+            "figures measure how closely samples follow their template, not fidelity." if m["target"] == "template"
+            else "The reference image is the ground truth only where MGM left the reference mask unchanged."), "",
            _md_table(*head), "",
            f"**FID feature network:** {f['features']}. Synthesized set {f['n_synth']} volumes vs real set "
            f"{f['n_real']} library cases (splits: {f['real_splits']}). These FIDs are not comparable with the "
@@ -301,7 +310,7 @@ def _synthesis_md(m: Mapping) -> list[str]:
         out += [f"LPIPS: {m['lpips']}.", ""]
     out += ["## Confidence vs error", "",
             f"Per voxel |synth - {m['target']}| against the SSV confidence over {cm['region']} voxels "
-            f"({cm['n_voxels']}): Pearson {_fmt(cm['pearson'])} (all voxels), Spearman {_fmt(cm['spearman_subsample'])} "
+            f"({cm['n_voxels']}): Pearson {_fmt(cm['pearson'])} (every voxel of the region), Spearman {_fmt(cm['spearman_subsample'])} "
             f"(subsample of {cm['subsample_voxels']}). Negative = low confidence where the errors are.", "",
             _md_table(["confidence", "voxels", "mean abs error", "sd"],
                       [[f"[{b['lo']:.2f}, {b['hi']:.2f})", b["n_voxels"], b["mean_abs_error"], b["sd_abs_error"]]
