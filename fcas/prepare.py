@@ -14,7 +14,6 @@ The Ray Data wiring is in :mod:`fcas.pipeline.prepare`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +23,9 @@ from monai.transforms import BorderPadd, Compose, Orientationd, SpatialCropd, Sp
 
 from fcas.io import nifti, storage
 from fcas.labels import LabelSchema
+from fcas.security import check_id, safe_child, sanitize_id
 
 AIR_HU = -1024.0
-_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 class CaseRejected(ValueError):
@@ -69,12 +68,12 @@ class PreparedCase:
 
 
 def safe_case_id(name: str) -> str:
-    """A case id usable as a file name: the NIfTI stem, anything but ``[A-Za-z0-9_.-]`` -> ``_``."""
-    stem = re.sub(r"\.nii(\.gz)?$", "", str(name).rsplit("/", 1)[-1])
-    cid = _SAFE_ID.sub("_", stem).strip("._")
-    if not cid:
-        raise ValueError(f"cannot derive a case id from {name!r}")
-    return cid
+    """A case id usable as a file name, derived from a source file name (:func:`fcas.security.sanitize_id`):
+    the NIfTI stem, anything but ``[A-Za-z0-9_.-]`` and runs of dots -> ``_``, bounded length."""
+    try:
+        return sanitize_id(name)
+    except ValueError:
+        raise ValueError(f"cannot derive a case id from {name!r}") from None
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -134,6 +133,21 @@ def validate_pair(image_uri: str, label_uri: str, schema: LabelSchema, settings:
         raise CaseRejected(f"image {image_uri}: implausible HU range [{lo:.1f}, {hi:.1f}] "
                            f"(p1..p99 {p1:.1f}..{p99:.1f}); expected CT in Hounsfield units")
     return image, label, img.affine
+
+
+def load_case(image_uri: str, label_uri: str, schema: LabelSchema, max_voxels: int = 512 * 512 * 1024,
+              label_mapping: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A validated image/label pair for readers outside prepare (synthesis templates, CAL data).
+
+    Every check of :func:`validate_pair` with the default limits; returns ``(image (D, H, W) float32
+    HU, label (D, H, W) uint8, affine (4, 4))``. Raises :class:`CaseRejected` (a ``ValueError``)
+    with a one-line reason naming the file. :func:`fcas.io.nifti.read_nifti` alone only refuses
+    what is not a readable NIfTI; this also refuses 2D/4D grids, NaN/inf, float or unknown labels,
+    a missing heart and pairs that do not share a grid.
+    """
+    settings = PrepareSettings(shape=(1, 1, 1), spacing=(1.0, 1.0, 1.0),  # the grid is not used here
+                               max_voxels=max_voxels, label_mapping=label_mapping)
+    return validate_pair(image_uri, label_uri, schema, settings)
 
 
 # ---- geometry ----------------------------------------------------------------------------------
@@ -202,8 +216,9 @@ def class_voxels(label: np.ndarray, schema: LabelSchema) -> dict[str, int]:
 
 def write_case(case: PreparedCase, out: str, schema: LabelSchema) -> dict:
     """Write image (int16 HU) and label (uint8) under ``out/cases/`` and return the manifest row."""
-    image_uri = storage.join(out, "cases", f"{case.case_id}_image.nii.gz")
-    label_uri = storage.join(out, "cases", f"{case.case_id}_label.nii.gz")
+    # refuses a case id that is not a plain file name (from a caller that skipped safe_case_id)
+    image_uri = safe_child(out, "cases", f"{check_id(case.case_id, 'case id')}_image.nii.gz")
+    label_uri = safe_child(out, "cases", f"{case.case_id}_label.nii.gz")
     nifti.write_nifti(image_uri, case.image, case.affine, kind="image")
     nifti.write_nifti(label_uri, case.label, case.affine, kind="label")
     spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(0))

@@ -43,8 +43,12 @@ def _good(seed: int, shape=(40, 44, 36), spacing=(3.0, 2.5, 3.5)):
     return case.image, case.label, case.affine
 
 
-def write_corpus(root: Path, n_good: int = 3) -> dict[str, str]:
-    """Write the corpus under ``root``; returns {case key: 'good' | bad kind}."""
+def write_corpus(root: Path, n_good: int = 3, shape=(40, 44, 36), spacing=(3.0, 2.5, 3.5)) -> dict[str, str]:
+    """Write the corpus under ``root``; returns {case key: 'good' | bad kind}.
+
+    ``shape`` / ``spacing``: the source grid of every case (scripts/make_bad_corpus.py writes a
+    coarser one for the committed copy in tests/data/bad_inputs/).
+    """
     root.mkdir(parents=True, exist_ok=True)
     kinds = {}
 
@@ -53,7 +57,7 @@ def write_corpus(root: Path, n_good: int = 3) -> dict[str, str]:
         _save(label, affine if laffine is None else laffine, root / f"{key}_label.nii.gz", ldtype)
 
     for i in range(n_good):
-        image, label, affine = _good(100 + i)
+        image, label, affine = _good(100 + i, shape, spacing)
         if i == 1:  # LPS-like orientation: flip the first two axes; prepare must reorient to RAS
             image, label = image[::-1, ::-1].copy(), label[::-1, ::-1].copy()
             flip = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -62,7 +66,7 @@ def write_corpus(root: Path, n_good: int = 3) -> dict[str, str]:
         pair(f"good{i}", image, label, affine)
         kinds[f"good{i}"] = "good"
 
-    image, label, affine = _good(7)
+    image, label, affine = _good(7, shape, spacing)
     # unreadable: a gzip stream cut in half; zero bytes; a text file with a .nii.gz name
     pair("truncated", image, label, affine)
     data = (root / "truncated_image.nii.gz").read_bytes()
@@ -71,7 +75,8 @@ def write_corpus(root: Path, n_good: int = 3) -> dict[str, str]:
     (root / "zerobyte_image.nii.gz").write_bytes(b"")
     pair("notnifti", image, label, affine)
     (root / "notnifti_image.nii.gz").write_bytes(gzip.compress(b"this is a csv,not,an,image\n" * 40))
-    pair("flat2d", image[:, :, 18], label[:, :, 18], affine)
+    mid = image.shape[2] // 2
+    pair("flat2d", image[:, :, mid], label[:, :, mid], affine)
     pair("vol4d", np.stack([image, image], -1), np.stack([label, label], -1), affine)
     pair("shapemismatch", image, label[:, :, :-2], affine)
     shifted = affine.copy()

@@ -87,12 +87,13 @@ class TCDMBundle:
         return self
 
 
-def load_tcdm(uri: str, map_location: str | torch.device = "cpu") -> TCDMBundle:
+def load_tcdm(uri: str, map_location: str | torch.device = "cpu", expected_digest: str | None = None) -> TCDMBundle:
     """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder, or a training output root (its
-    latest checkpoint); eval mode, float32, frozen."""
+    latest checkpoint); eval mode, float32, frozen. ``expected_digest``: refuse (``ValueError``) a
+    checkpoint whose digest differs (see :func:`fcas.models.checkpoint.load_checkpoint`)."""
     if not storage.exists(storage.join(uri, "checkpoint.json")):
         uri = latest_checkpoint(uri) or uri
-    ck: Checkpoint = load_checkpoint(uri)
+    ck: Checkpoint = load_checkpoint(uri, expected_digest=expected_digest)
     for key in ("model", "condition", "scheduler", "scale_factor"):
         if key not in ck.config:
             raise ValueError(f"{storage.join(uri, 'config.json')} has no {key!r}: not a TCDM checkpoint")

@@ -122,12 +122,20 @@ def checkpoint_digest(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(storage.join(uri, MANIFEST))).hexdigest()
 
 
-def load_checkpoint(uri: str) -> Checkpoint:
-    """Read and verify a checkpoint folder's manifest and config (weights load lazily)."""
+def load_checkpoint(uri: str, expected_digest: str | None = None) -> Checkpoint:
+    """Read and verify a checkpoint folder's manifest and config (weights load lazily, each checked
+    against its sha256 in ``checkpoint.json``).
+
+    ``expected_digest``: when given (e.g. the ``checkpoint_digest`` a run recorded), the sha256 of
+    ``checkpoint.json`` must equal it, so a swapped or retrained checkpoint is refused before use.
+    """
     man_uri = storage.join(uri, MANIFEST)
     if not storage.exists(man_uri):
         raise ValueError(f"{man_uri} not found: {uri} is not a complete checkpoint")
     blob = storage.read_bytes(man_uri)
+    if expected_digest and hashlib.sha256(blob).hexdigest() != str(expected_digest).strip().lower():
+        raise ValueError(f"checkpoint {uri}: digest {hashlib.sha256(blob).hexdigest()} of {man_uri} "
+                         f"does not match the expected {expected_digest}")
     try:
         man = json.loads(blob)
         files = {str(k): str(v) for k, v in man["files"].items()}
@@ -161,7 +169,10 @@ def load_state_file(
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError on damage
-        raise ValueError(f"checkpoint file {uri} cannot be loaded ({type(exc).__name__}: {exc})") from None
+        # one line (torch's weights_only refusal spans many), cut short: it may quote the payload
+        why = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())
+        why = why if len(why) <= 300 else why[:300] + "..."
+        raise ValueError(f"checkpoint file {uri} cannot be loaded ({type(exc).__name__}: {why})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint file {uri} holds a {type(obj).__name__}, expected a state dict")
     return obj

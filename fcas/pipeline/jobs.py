@@ -1,13 +1,39 @@
-"""Hydra config -> frozen job dataclasses, resolved once on the driver."""
+"""Hydra config -> frozen job dataclasses, resolved once on the driver.
+
+Every ``*_from_cfg`` first refuses a config that holds credentials (:func:`check_job_config`):
+credentials come from the environment only, so they never reach a saved config or a manifest.
+"""
 from __future__ import annotations
+
+import sys
 
 from omegaconf import DictConfig
 
 from fcas.pipeline.prepare import PrepareJob
 from fcas.prepare import PrepareSettings
+from fcas.security import CredentialsInConfigError, refuse_credentials
+
+
+def check_job_config(cfg, job: str = "job") -> None:
+    """``CredentialsInConfigError`` (a ``ValueError``) when the config holds credential keys or values.
+
+    Inside a Hydra run (a ``jobs/*.py`` entry point) the refusal is printed to stderr and the
+    process exits with status 2 instead: Hydra answers any exception of the task by printing the
+    command-line overrides, which would repeat the credential the user just typed.
+    """
+    try:
+        refuse_credentials(cfg, f"the {job} config")
+    except CredentialsInConfigError as err:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def prepare_job_from_cfg(cfg: DictConfig) -> PrepareJob:
+    check_job_config(cfg, "prepare")
     settings = PrepareSettings(
         shape=tuple(int(v) for v in cfg.preset.shape),
         spacing=tuple(float(v) for v in cfg.preset.spacing),
@@ -32,6 +58,8 @@ def prepare_job_from_cfg(cfg: DictConfig) -> PrepareJob:
 
 def synthesis_job_from_cfg(cfg: DictConfig):
     from omegaconf import OmegaConf
+
+    check_job_config(cfg, "synthesize")
 
     from fcas.models.checkpoint import config_hash
     from fcas.pipeline.synthesize import Resources, SynthesisJob

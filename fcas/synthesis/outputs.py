@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from fcas.io import manifest, nifti, storage
+from fcas.security import safe_child
 
 SYNTHESIS_SCHEMA = manifest.make_schema(
     "synthesis",
@@ -47,13 +48,17 @@ manifest.SCHEMAS["sample_rejects"] = SAMPLE_REJECTS_SCHEMA
 
 
 def sample_name(sample_id: int) -> str:
+    """``s%08d`` of a non-negative integer id; a string, float or bool id is refused (``ValueError``)."""
+    if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)):
+        raise ValueError(f"sample_id must be an integer, got {sample_id!r} ({type(sample_id).__name__})")
     if int(sample_id) < 0:
         raise ValueError(f"sample_id must be non-negative, got {sample_id}")
     return f"s{int(sample_id):08d}"
 
 
 def sample_uris(out: str, sample_id: int, preview: bool = True) -> dict[str, str | None]:
-    base = storage.join(out, "samples", sample_name(sample_id))
+    """The URIs of one sample's files under ``out/samples/`` (refused if they would leave ``out``)."""
+    base = safe_child(out, "samples", sample_name(sample_id))
     return {
         "image_uri": f"{base}_image.nii.gz",
         "label_uri": f"{base}_label.nii.gz",
