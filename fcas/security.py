@@ -112,9 +112,9 @@ def safe_child(root: str | os.PathLike, *parts: str) -> str:
 
     Each part may hold ``/``-separated components; every component must pass :func:`check_id`
     (so no ``..``, no leading dot, no ``%``, ``\\`` or control characters), and a part may not be
-    absolute or carry a protocol. For local roots the deepest existing directory on the way is
-    resolved with ``os.path.realpath`` and must stay inside the resolved root, so a symlinked
-    sub-folder pointing elsewhere is refused too. Raises :class:`UnsafePathError` naming the part.
+    absolute or carry a protocol. For local roots the deepest existing path on the way (the file
+    itself included) is resolved with ``os.path.realpath`` and must stay inside the resolved root,
+    so a symlinked sub-folder or file pointing elsewhere is refused too. Raises :class:`UnsafePathError` naming the part.
     """
     root = os.fspath(root)
     if not parts:
@@ -129,8 +129,11 @@ def safe_child(root: str | os.PathLike, *parts: str) -> str:
         for comp in part.split("/"):
             _check_component(comp, root)
     uri = storage.join(root, *parts)
-    _, root_path = storage.get_fs(root)
-    _, child_path = storage.get_fs(uri)
+    if storage.is_local(root):
+        _, root_path = storage.get_fs(root)   # absolute local paths
+        _, child_path = storage.get_fs(uri)
+    else:                                     # bucket/key, without building a filesystem object
+        root_path, child_path = split_protocol(root)[1], split_protocol(uri)[1]
     root_path = root_path.rstrip("/") or "/"
     norm = posixpath.normpath(child_path)
     if not (norm == root_path or norm.startswith(root_path.rstrip("/") + "/")):

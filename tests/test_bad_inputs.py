@@ -57,7 +57,7 @@ MANIFEST_REASONS = {
     "truncated.parquet": "not a readable parquet",
     "norows.parquet": "no rows",
     "notemplate.parquet": "no rows with split='template'",
-    "nosplitcolumn.parquet": "split",
+    "nosplitcolumn.parquet": "required column",
     "unsafeid.parquet": "case id",
 }
 # needs fcas/synthesis/plan.py to read with CASES_SCHEMA and check_id() each case id (see the report)
