@@ -47,7 +47,7 @@ def _rows(batch: dict, i: int) -> dict:
     return {k: v[i] for k, v in batch.items()}
 
 
-def pipeline_vs_stages(preset: str, n: int, steps: int, workdir: Path) -> dict:
+def pipeline_vs_stages(preset: str, n: int, steps: int, every: int, workdir: Path) -> dict:
     import ray
 
     from fcas.deform.stage import MGMStage
@@ -56,29 +56,36 @@ def pipeline_vs_stages(preset: str, n: int, steps: int, workdir: Path) -> dict:
     from fcas.synthesis.writer import WriterStage
 
     p = load_preset(preset)
-    settings = SamplerSettings(steps=steps)
-    job = SynthesisJob(n=n, out=str(workdir / "pipeline"), checkpoint=str(ROOT / "checkpoints" / preset),
-                       shape=p.shape, spacing=p.spacing, sampler=settings,
-                       resources=Resources(writer_batch_size=1), config_hash="bench")
+    settings = SamplerSettings(steps=steps, ssv_every=every)
+
+    def job(n_: int, name: str) -> SynthesisJob:
+        return SynthesisJob(n=n_, out=str(workdir / name), checkpoint=str(ROOT / "checkpoints" / preset),
+                            shape=p.shape, spacing=p.spacing, sampler=settings,
+                            resources=Resources(writer_batch_size=1), config_hash="bench")
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    summary = run_synthesis(job, progress=False)
-    library = template_library(job)
+    # two runs that differ only in n: their time difference is what n more samples cost in the
+    # pipeline, with start-up (templates, actors, model loads) the same in both and cancelled out
+    small = run_synthesis(job(2, "pipeline-small"), progress=False)
+    summary = run_synthesis(job(2 + n, "pipeline"), progress=False)
+    marginal = n / (summary["seconds"] - small["seconds"])
+    library = template_library(job(n, "pipeline"))
     ray.shutdown()
 
     # the same ids, each stage alone, one thread (a fractional-CPU actor runs with OMP_NUM_THREADS=1)
     torch.set_num_threads(1)
-    ids = {"id": np.arange(n)}
+    ids = {"id": np.arange(2, 2 + n)}
     t0 = time.perf_counter()
-    planned = plan_batch(ids, library, job.run_seed)
+    planned = plan_batch(ids, library, run_seed=0)
     t_plan = time.perf_counter() - t0
     mgm = MGMStage(None, "cardiac")
     mgm.template(str(planned["template_uri"][0]))          # warm the template cache as an actor would
     t0 = time.perf_counter()
     mgm_rows = [_rows(mgm(_stack([_rows(planned, i)])), 0) for i in range(n)]
     t_mgm = time.perf_counter() - t0
-    sampler = SamplerStage(job.checkpoint, settings)
+    sampler = SamplerStage(str(ROOT / "checkpoints" / preset), settings)
     t0 = time.perf_counter()
     sampled = [_rows(sampler(_stack([r])), 0) for r in mgm_rows]
     t_sampler = time.perf_counter() - t0
@@ -89,19 +96,33 @@ def pipeline_vs_stages(preset: str, n: int, steps: int, workdir: Path) -> dict:
     t_writer = time.perf_counter() - t0
     alone = {"plan": n / t_plan, "mgm": n / t_mgm, "sampler": n / t_sampler, "writer": n / t_writer}
     slowest = min(alone, key=alone.get)
-    steady = summary["steady_samples_per_s"]
     return {
-        "preset": preset, "n": n, "steps": steps,
+        "preset": preset, "n": n, "steps": steps, "ssv_every": every,
+        "pipeline_seconds": {"n=2": small["seconds"], f"n={2 + n}": summary["seconds"]},
+        "pipeline_startup_s": round(small["seconds"] - 2 / marginal, 2),
+        "pipeline_marginal_samples_per_s": round(marginal, 4),
         "pipeline_end_to_end_samples_per_s": summary["samples_per_s"],
-        "pipeline_first_batch_s": summary["first_batch_s"],
-        "pipeline_steady_samples_per_s": steady,
         "stage_alone_samples_per_s": {k: round(v, 4) for k, v in alone.items()},
         "stage_alone_seconds_per_sample": {k: round(1 / v, 4) for k, v in alone.items()},
         "slowest_stage": slowest,
-        "pipeline_over_slowest_stage": round(steady / alone[slowest], 3) if steady else None,
+        "pipeline_over_slowest_stage": round(marginal / alone[slowest], 3),
+        "sampler_split_seconds": {k: round(float(np.mean([r[k] for r in sampled])), 4)
+                                  for k in ("sample_s", "decode_s", "ssv_s")},
+        "mgm_split_seconds": {k: round(float(np.mean([r[k] for r in mgm_rows])), 4)
+                              for k in ("mgm_deform_s", "mgm_qc_s")},
+        "output_bytes_per_sample": _output_bytes(workdir / "pipeline"),
+        "voxels": int(np.prod(p.shape)),
         "example_inputs": [{k: r[k] for k in ("template_image_uri", "template_label_uri", "seed")} | {"mask": r["mask"]}
                            for r in mgm_rows[:2]],
     }
+
+
+def _output_bytes(run: Path) -> dict:
+    """Mean bytes per sample of each output file kind, from the files the pipeline wrote."""
+    sizes: dict[str, list[int]] = {}
+    for f in (run / "samples").iterdir():
+        sizes.setdefault(f.name.split("_", 1)[1], []).append(f.stat().st_size)
+    return {k: int(np.mean(v)) for k, v in sorted(sizes.items())}
 
 
 def ssv_and_cache(preset: str, steps: int, every: int, inputs: list[dict]) -> dict:
@@ -177,11 +198,12 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="fcas-bench-") as tmp:
         work = Path(tmp)
-        pipe = pipeline_vs_stages(a.preset, a.n, a.steps, work)
+        pipe = pipeline_vs_stages(a.preset, a.n, a.steps, a.every, work)
         inputs = pipe.pop("example_inputs")
         result["pipeline"] = pipe
-        print(f"[pipeline] {a.preset} n={a.n}: steady {pipe['pipeline_steady_samples_per_s']} samples/s "
-              f"(first batch after {pipe['pipeline_first_batch_s']} s); stages alone (samples/s): "
+        print(f"[pipeline] {a.preset}: {a.n} more samples cost {a.n / pipe['pipeline_marginal_samples_per_s']:.1f} s "
+              f"= {pipe['pipeline_marginal_samples_per_s']} samples/s (start-up {pipe['pipeline_startup_s']} s); "
+              f"stages alone (samples/s): "
               f"{pipe['stage_alone_samples_per_s']}; pipeline / slowest ({pipe['slowest_stage']}) = "
               f"{pipe['pipeline_over_slowest_stage']}  (goal >= 0.9)")
         ssv = ssv_and_cache(a.preset, a.steps, a.every, inputs)

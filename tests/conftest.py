@@ -151,3 +151,17 @@ def tiny_checkpoint(tmp_path_factory):
     from fcas.diffusion.training import smoke_checkpoint
 
     return smoke_checkpoint(str(tmp_path_factory.mktemp("tcdm-tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_templates(ray_local, tmp_path_factory):
+    """``cases.parquet`` URI of a tiny-preset template library (4 phantoms: 1 template, 3 references),
+    prepared once per session so synthesis tests do not each prepare their own."""
+    from fcas.pipeline.synthesize import SynthesisJob, template_library
+    from fcas.presets import load_preset
+
+    tiny = load_preset("tiny")
+    out = tmp_path_factory.mktemp("templates-tiny")
+    template_library(SynthesisJob(n=0, out=str(out), checkpoint="", templates="phantom:4",
+                                  shape=tiny.shape, spacing=tiny.spacing))
+    return str(out / "templates" / "cases.parquet")

@@ -102,20 +102,34 @@ class MGMStage:
         n = len(batch["sample_id"])
         names = MGMParams.field_names()
         planned = all(f"mgm_{f}" in batch for f in names)
-        masks, affines, spacings, rows, fails = [], [], [], [], []
+        masks, affines, spacings, rows, fails, errors = [], [], [], [], [], []
         for i in range(n):
             uri = str(batch["template_uri"][i])
-            tmpl, read_s = self.template(uri)
-            plan = MGMParams.from_flat({f: batch[f"mgm_{f}"][i] for f in names}) if planned else None
-            res = mgm_with_qc(tmpl.mask, tmpl.spacing, int(batch["run_seed"][i]), int(batch["sample_id"][i]),
-                              self.cfg, schema=self.schema, params=plan, template_stats=tmpl.stats)
+            try:
+                tmpl, read_s = self.template(uri)
+                plan = MGMParams.from_flat({f: batch[f"mgm_{f}"][i] for f in names}) if planned else None
+                res = mgm_with_qc(tmpl.mask, tmpl.spacing, int(batch["run_seed"][i]), int(batch["sample_id"][i]),
+                                  self.cfg, schema=self.schema, params=plan, template_stats=tmpl.stats)
+            except Exception as e:  # a bad template or draw must not stop the run: the sample becomes a reject
+                msg = " ".join(str(e).split())
+                errors.append(msg if uri in msg else f"{uri}: {msg}")
+                rows.append({})
+                fails.append("")
+                masks.append(None)
+                affines.append(np.eye(4))
+                spacings.append((1.0, 1.0, 1.0))
+                continue
             row = res.to_flat()
             row["mgm_read_s"] = read_s
             rows.append(row)
             fails.append("; ".join(res.qc.failures))
+            errors.append("")
             masks.append(res.mask)
             affines.append(tmpl.affine)
             spacings.append(tmpl.spacing)
+        good = next((m for m in masks if m is not None), None)
+        masks = [m if m is not None else np.zeros(good.shape if good is not None else (1, 1, 1), np.uint8)
+                 for m in masks]
         out = {k: np.asarray(v) for k, v in batch.items()}
         if n and all(m.shape == masks[0].shape for m in masks):
             out["mask"] = np.stack(masks)
@@ -125,9 +139,10 @@ class MGMStage:
             out["mask"] = arr
         out["affine"] = np.stack(affines) if n else np.zeros((0, 4, 4))
         out["spacing"] = np.asarray(spacings, dtype=np.float64).reshape(n, 3)
-        keys = list(rows[0]) if rows else []
+        keys = list(dict.fromkeys(k for r in rows for k in r))
         for k in keys:
-            out[k] = np.asarray([r[k] for r in rows], dtype=np.float64)
+            out[k] = np.asarray([r.get(k, np.nan) for r in rows], dtype=np.float64)
         out["qc_failures"] = np.asarray(fails, dtype=object)
+        out["mgm_error"] = np.asarray(errors, dtype=object)
         out["mgm_config"] = np.asarray([self.digest] * n, dtype=object)
         return out

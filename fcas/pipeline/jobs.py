@@ -76,6 +76,8 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         sampler_cpus=float(r.sampler_cpus), sampler_batch_size=int(r.sampler_batch_size),
         mgm_actors=tuple(int(a) for a in r.mgm_actors), mgm_cpus=float(r.mgm_cpus),
         writer_cpus=float(r.writer_cpus), plan_cpus=float(r.plan_cpus), writer_batch_size=int(r.writer_batch_size),
+        actor_max_restarts=int(r.actor_max_restarts), actor_task_retries=int(r.actor_task_retries),
+        writer_retries=int(r.writer_retries), sampler_tries=int(r.sampler_tries),
     )
     plain = OmegaConf.to_container(cfg, resolve=True)
     # the hash names the settings that decide a sample's content, so n / out / resources may change on reruns
@@ -86,3 +88,16 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         spacing=tuple(float(x) for x in cfg.preset.spacing), sampler=sampler, mgm=plain["mgm"],
         schema=str(cfg.schema), preview=bool(cfg.preview), resources=resources, config_hash=config_hash(traced),
     )
+
+
+def plan_request_from_cfg(cfg: DictConfig):
+    """configs/plan.yaml -> :class:`fcas.planning.PlanRequest`."""
+    from omegaconf import OmegaConf
+
+    from fcas.planning import PlanRequest
+
+    return PlanRequest(n=int(cfg.n), preset=str(cfg.preset.name), hardware=str(cfg.gpu),
+                       sampler_nodes=int(cfg.sampler_nodes), cpu_worker_cores=int(cfg.cpu_worker_cores),
+                       steps=int(cfg.sampler.steps), ssv_mode=str(cfg.ssv.mode), ssv_every=int(cfg.ssv.every),
+                       preview=bool(cfg.preview),
+                       prices={k: v for k, v in (OmegaConf.to_container(cfg.prices) or {}).items() if v is not None})

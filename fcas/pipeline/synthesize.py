@@ -20,11 +20,12 @@ import numpy as np
 import ray
 
 from fcas.deform.stage import MGMStage
-from fcas.io import manifest, storage
+from fcas.io import storage
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.prepare import PrepareSettings
-from fcas.synthesis.outputs import SAMPLE_REJECTS_SCHEMA, finished_ids, read_run_manifest
+from fcas.synthesis.faults import FaultPlan
+from fcas.synthesis.outputs import finished_ids, read_run_manifest, rejected_ids, remove_temporaries
 from fcas.synthesis.plan import TemplateLibrary, plan_sample
 from fcas.synthesis.sampler import SamplerSettings, SamplerStage
 from fcas.synthesis.writer import WriterStage
@@ -43,6 +44,14 @@ class Resources:
     writer_cpus: float = 0.4
     plan_cpus: float = 0.1
     writer_batch_size: int = 4                 # samples per manifest shard
+    # fault tolerance: actors that die are restarted and their in-flight batches retried (-1: no
+    # limit, a preempted node must not end a 100k run); a writer task that raises is retried
+    # (files are named from the sample id, so a retry overwrites); one sample that keeps failing
+    # in the sampler becomes a reject after sampler_tries tries instead of failing the job
+    actor_max_restarts: int = -1
+    actor_task_retries: int = -1
+    writer_retries: int = 3
+    sampler_tries: int = 2
     # Logical CPUs: actors hold theirs for the whole run; the defaults leave a whole CPU of a
     # 2-CPU laptop free for Ray Data's own 1-CPU tasks, or the pipeline would wait forever.
     # Clusters raise the actor counts (and give the sampler a GPU).
@@ -63,6 +72,7 @@ class SynthesisJob:
     preview: bool = True
     resources: Resources = field(default_factory=Resources)
     config_hash: str = ""
+    faults: FaultPlan | None = None            # tests only: inject failures (fcas.synthesis.faults)
 
     def __post_init__(self) -> None:
         if self.n < 0:
@@ -101,27 +111,37 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     t_start = time.time()
     ensure_ray(ray_address)
     library = template_library(job, ray_address)
+    stale = remove_temporaries(job.out)
+    if stale:
+        log.info("synthesize: removed %d temporary files an interrupted run left in %s", stale, job.out)
     done = finished_ids(job.out)
     todo = [i for i in range(job.n) if i not in done]
     log.info("synthesize: %d of %d samples to do (%d already finished) -> %s", len(todo), job.n, len(done), job.out)
     r = job.resources
     counts = {"written": 0, "rejected": 0}
-    arrivals: list[tuple[float, int]] = []     # (time, samples) of each writer batch at the driver
+    arrivals: list[tuple[float, int]] = []     # (time, samples) of each writer batch when written
     if todo:
         # ids from the driver (no read tasks: they would need a whole CPU the actors may hold)
         ds = ray.data.from_items([{"id": i} for i in todo], override_num_blocks=max(1, min(len(todo), 1000)))
         ds = ds.map_batches(partial(plan_batch, library=library, run_seed=job.run_seed),
                             batch_size=64, num_cpus=r.plan_cpus)
+        # one sample per block from here on: each MGM / sampler task then holds one sample and
+        # hands it on when done (without this, a task's outputs are merged into one block up to
+        # 128 MiB and nothing reaches the writer until the task has done all its rows)
+        ds = ds.repartition(target_num_rows_per_block=1)
+        actor_retry = {"max_restarts": r.actor_max_restarts, "max_task_retries": r.actor_task_retries}
         ds = ds.map_batches(MGMStage, fn_constructor_kwargs={"cfg": job.mgm or None, "schema": job.schema},
-                            batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors))
-        ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler},
+                            batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors), **actor_retry)
+        ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler,
+                                                                 "tries": r.sampler_tries, "faults": job.faults},
                             batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
-                            num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus)
-        ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview),
-                            batch_size=r.writer_batch_size, num_cpus=r.writer_cpus)
+                            num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus, **actor_retry)
+        ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults),
+                            batch_size=r.writer_batch_size, num_cpus=r.writer_cpus,
+                            max_retries=r.writer_retries, retry_exceptions=True)
         bar = _progress(len(todo), progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            arrivals.append((time.time(), len(batch["status"])))
+            arrivals.extend((float(t), 1) for t in batch["finished_at"])
             for s in batch["status"]:
                 counts[str(s)] += 1
             bar.update(len(batch["status"]))
@@ -129,8 +149,7 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     table = read_run_manifest(job.out)
     rows = table.to_pylist()
     elapsed = time.time() - t_start
-    rejects_uri = storage.join(job.out, "rejects")
-    n_rejects = manifest.read_table(rejects_uri, schema=SAMPLE_REJECTS_SCHEMA).num_rows if storage.exists(rejects_uri) else 0
+    n_rejects = len(rejected_ids(job.out) - {int(r["sample_id"]) for r in rows})
     stage = {}
     for row in rows:
         for k, v in (row["timings"] or []):
@@ -143,7 +162,7 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
         "seconds": round(elapsed, 2),
         "samples_per_s": round(counts["written"] / elapsed, 4) if elapsed > 0 else None,
         # after the first batch arrived: start-up (Ray, templates, model loads) excluded
-        "first_batch_s": round(arrivals[0][0] - t_start, 2) if arrivals else None,
+        "first_batch_s": round(min(arrivals)[0] - t_start, 2) if arrivals else None,
         "steady_samples_per_s": _steady_rate(arrivals),
         "stage_seconds_total": {k: round(v, 3) for k, v in sorted(stage.items())},
         "peak_rss_mb_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -157,10 +176,12 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
 
 
 def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
-    """Samples/s between the first and the last batch the driver received (None with < 2 batches)."""
+    """Samples/s between the first and the last written batch (None with < 2 batches)."""
+    arrivals = sorted(arrivals)
     if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
         return None
-    return round(sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0]), 4)
+    t0 = arrivals[0][0]
+    return round(sum(n for t, n in arrivals if t > t0) / (arrivals[-1][0] - t0), 4)
 
 
 def _pool(size: tuple[int, int]):

@@ -6,6 +6,7 @@ all of its sample's files exist. Readers drop duplicate sample ids (last row win
 """
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np
@@ -69,7 +70,7 @@ def sample_uris(out: str, sample_id: int, preview: bool = True) -> dict[str, str
 
 def write_sample(out: str, sample_id: int, image_hu: np.ndarray, label: np.ndarray, confidence: np.ndarray,
                  affine: np.ndarray, preview_png: bytes | None = None) -> dict[str, str | None]:
-    """Write one sample's files (image int16 HU, label uint8, confidence float32 in [0, 1], PNG)."""
+    """Write one sample's files (image int16 HU, label uint8, confidence in [0, 1] as uint8 steps of 1/255, PNG)."""
     uris = sample_uris(out, sample_id, preview=preview_png is not None)
     nifti.write_nifti(uris["image_uri"], image_hu, affine, kind="image")
     nifti.write_nifti(uris["label_uri"], label, affine, kind="label")
@@ -94,6 +95,32 @@ def read_run_manifest(out: str) -> pa.Table:
     if not storage.exists(uri):
         return SYNTHESIS_SCHEMA.empty_table()
     return manifest.read_manifest_dedup(uri, key="sample_id", schema=SYNTHESIS_SCHEMA)
+
+
+def rejected_ids(out: str) -> set[int]:
+    """Sample ids with a row in the run's rejects (a rerun tries them again; it may append rows)."""
+    uri = storage.join(out, "rejects")
+    if not storage.exists(uri):
+        return set()
+    return {int(i) for i in manifest.read_table(uri, schema=SAMPLE_REJECTS_SCHEMA).column("sample_id").to_pylist()}
+
+
+def remove_temporaries(out: str) -> int:
+    """Delete the hidden ``.<name>.*.tmp`` files an interrupted local run left under ``out``; returns
+    how many. (Object stores have none: their writes are single PUTs.) Call only when no other run
+    writes to ``out``."""
+    if not storage.is_local(out):
+        return 0
+    _, root = storage.get_fs(out)
+    n = 0
+    for folder in ("samples", "manifest", "rejects"):
+        d = os.path.join(root, folder)
+        if os.path.isdir(d):
+            for entry in os.scandir(d):
+                if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                    os.unlink(entry.path)
+                    n += 1
+    return n
 
 
 def finished_ids(out: str) -> set[int]:

@@ -28,6 +28,7 @@ from fcas.diffusion.sampling import decode_latent, sample
 from fcas.diffusion.ssv import SSV_MODES, ssv_confidence
 from fcas.io.nifti import read_nifti
 from fcas.models.bundle import load_tcdm
+from fcas.synthesis.faults import FaultPlan, InjectedFault
 
 __all__ = ["SamplerSettings", "SamplerStage"]
 
@@ -67,7 +68,8 @@ class SamplerStage:
     ``label`` (B, D, H, W) uint8, ``confidence`` (B, D, H, W) float32, ``sampler_error`` (str,
     empty when fine), ``sample_s``, ``decode_s``, ``ssv_s`` and ``checkpoint_digest``."""
 
-    def __init__(self, checkpoint: str, settings: SamplerSettings | Mapping | None = None, cache_size: int = 8):
+    def __init__(self, checkpoint: str, settings: SamplerSettings | Mapping | None = None, cache_size: int = 8,
+                 tries: int = 2, faults: FaultPlan | None = None):
         self.settings = settings if isinstance(settings, SamplerSettings) else SamplerSettings(**(settings or {}))
         dev = self.settings.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
@@ -76,6 +78,10 @@ class SamplerStage:
         self.cond = self.bundle.condition
         self.schema = self.cond.label_schema
         self.cache_size = cache_size
+        if int(tries) < 1:
+            raise ValueError(f"tries must be >= 1, got {tries!r}")
+        self.tries = int(tries)
+        self.faults = faults
         self._templates: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _template(self, image_uri: str, label_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,15 +132,52 @@ class SamplerStage:
             "sample_s": t1 - t0, "decode_s": t2 - t1, "ssv_s": t3 - t2,
         }
 
+    def _one(self, batch: Mapping[str, np.ndarray], i: int) -> dict | None:
+        """Row ``i`` synthesized, retried up to ``tries`` times; a row that still fails (or whose MGM
+        already failed) returns ``None`` with the reason in ``self._error``."""
+        self._error = ""
+        if "mgm_error" in batch and str(batch["mgm_error"][i]):
+            return None
+        sid = int(batch["sample_id"][i])
+        last = None
+        for _ in range(self.tries):
+            try:
+                if self.faults is not None and self.faults.sampler_should_fail(sid):
+                    raise InjectedFault(f"injected sampler failure for sample {sid}")
+                return self.synthesize_one(batch["mask"][i], int(batch["seed"][i]),
+                                           str(batch["template_image_uri"][i]), str(batch["template_label_uri"][i]))
+            except Exception as e:  # one sample's failure must not stop the run: bounded tries, then a reject
+                last = e
+        self._error = f"sampler failed after {self.tries} tries: {type(last).__name__}: {' '.join(str(last).split())}"
+        return None
+
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = [self.synthesize_one(batch["mask"][i], int(batch["seed"][i]), str(batch["template_image_uri"][i]),
-                                    str(batch["template_label_uri"][i]))
-                for i in range(len(batch["sample_id"]))]
+        n = len(batch["sample_id"])
+        outs, errors = [], []
+        for i in range(n):
+            outs.append(self._one(batch, i))
+            errors.append(self._error)
+        good = next((o for o in outs if o is not None), None)
+        for i, o in enumerate(outs):
+            if o is None:   # placeholder arrays: the writer rejects this row by its error
+                shape = good["image"].shape if good is not None else np.shape(batch["mask"][i])
+                outs[i] = {"image": np.zeros(shape, np.int16), "label": np.zeros(shape, np.uint8),
+                           "confidence": np.zeros(shape, np.float32), "sampler_error": errors[i],
+                           "sample_s": 0.0, "decode_s": 0.0, "ssv_s": 0.0}
         result = {k: np.asarray(v) for k, v in batch.items() if k != "mask"}
         for key in ("image", "label", "confidence"):
-            result[key] = np.stack([o[key] for o in outs]) if outs else np.zeros((0, 0, 0, 0))
+            result[key] = _stack([o[key] for o in outs])
         for key in ("sample_s", "decode_s", "ssv_s"):
             result[key] = np.asarray([o[key] for o in outs], dtype=np.float64)
         result["sampler_error"] = np.asarray([o["sampler_error"] for o in outs], dtype=object)
         result["checkpoint_digest"] = np.asarray([self.bundle.digest] * len(outs), dtype=object)
         return result
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """(B, ...) array, or a (B,) object array when the shapes differ."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from fcas.synthesis.faults import FaultPlan, InjectedFault
 from fcas.synthesis.outputs import SAMPLE_REJECTS_SCHEMA, write_sample, write_shard
 
 __all__ = ["WriterStage", "reject_reason"]
@@ -23,6 +24,9 @@ _TIMING_KEYS = ("mgm_read_s", "mgm_deform_s", "mgm_qc_s", "sample_s", "decode_s"
 
 def reject_reason(batch: Mapping[str, np.ndarray], i: int) -> str:
     """Why row ``i`` must not become a sample ('' if it is fine)."""
+    err = str(batch["mgm_error"][i]) if "mgm_error" in batch else ""
+    if err:
+        return f"MGM failed: {err}"
     err = str(batch["sampler_error"][i]) if "sampler_error" in batch else ""
     if err:
         return err
@@ -36,7 +40,9 @@ def reject_reason(batch: Mapping[str, np.ndarray], i: int) -> str:
 class WriterStage:
     """``map_batches`` callable: sampler output batch -> ``{sample_id, status}`` per row."""
 
-    def __init__(self, out: str, sampler_json: str, config_hash: str, preview: bool = True):
+    def __init__(self, out: str, sampler_json: str, config_hash: str, preview: bool = True,
+                 faults: FaultPlan | None = None):
+        self.faults = faults
         self.out = out
         self.sampler_json = sampler_json
         self.config_hash = config_hash
@@ -52,18 +58,21 @@ class WriterStage:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, rejects, status = [], [], []
         mgm_keys = sorted(k for k in batch if k.startswith("mgm_") and k not in _TIMING_KEYS
-                          and k not in ("mgm_config", "mgm_tries", "mgm_fallback"))
+                          and k not in ("mgm_config", "mgm_tries", "mgm_fallback", "mgm_error"))
         qc_keys = sorted(k for k in batch if k.startswith("qc_") and k != "qc_failures")
         for i in range(len(batch["sample_id"])):
             sid = int(batch["sample_id"][i])
             reason = reject_reason(batch, i)
             if reason:
-                rejects.append({"sample_id": sid, "stage": "sampler" if "sampler" in reason else "mgm",
+                rejects.append({"sample_id": sid, "stage": "sampler" if reason.startswith("sampler") else "mgm",
                                 "reason": reason})
                 status.append("rejected")
                 continue
             t0 = time.perf_counter()
             image, label, conf, affine = batch["image"][i], batch["label"][i], batch["confidence"][i], batch["affine"][i]
+            if self.faults is not None and self.faults.writer_should_fail(sid):
+                write_sample(self.out, sid, image, label, conf, affine, None)
+                raise InjectedFault(f"injected writer failure for sample {sid} after its files were written")
             uris = write_sample(self.out, sid, image, label, conf, affine,
                                 self._preview(image, label, affine, sid))
             timings = {k: float(batch[k][i]) for k in _TIMING_KEYS if k in batch}
@@ -86,5 +95,6 @@ class WriterStage:
         # rows only after every file of the batch exists; rejects beside them
         write_shard(self.out, rows)
         write_shard(self.out, rejects, schema=SAMPLE_REJECTS_SCHEMA, folder="rejects")
+        done = np.full(len(status), time.time())   # when the batch's rows became durable (for rates)
         return {"sample_id": np.asarray(batch["sample_id"], dtype=np.int64),
-                "status": np.asarray(status, dtype=object)}
+                "status": np.asarray(status, dtype=object), "finished_at": done}
