@@ -21,7 +21,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import BorderPadd, Compose, Orientationd, SpatialCropd, Spacingd
 
-from fcas.io import nifti, storage
+from fcas.io import nifti
 from fcas.labels import LabelSchema
 from fcas.security import check_id, safe_child, sanitize_id
 

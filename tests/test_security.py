@@ -251,6 +251,23 @@ def test_prepare_derives_safe_case_ids_from_hostile_file_names(tmp_path):
     assert all(check_id(i) == i for i in ids)
 
 
+def test_prepare_rejects_colliding_or_underivable_case_ids_instead_of_overwriting(tmp_path):
+    """'a b' and 'a_b' both sanitize to 'a_b': the second would overwrite the first's files; '...'
+    sanitizes to nothing. Both become listing rejects, the job goes on."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for stem in ("a b", "a_b", "...", "ok"):
+        for kind in ("image", "label"):
+            (src / f"{stem}_{kind}.nii.gz").write_bytes(b"")
+    job = PrepareJob(source=str(src), out=str(tmp_path / "out"), settings=PrepareSettings((8, 8, 8), (1, 1, 1)))
+    items, rejects = list_sources(job)
+    assert sorted(i["case_id"] for i in items) == ["a_b", "ok"]
+    reasons = sorted(r["reason"] for r in rejects)
+    assert len(reasons) == 2 and all("\n" not in r for r in reasons)
+    assert "cannot derive a case id" in reasons[0] and "..._image.nii.gz" in reasons[0]
+    assert "is already used by" in reasons[1] and "a_b_image.nii.gz" in reasons[1]
+
+
 @pytest.mark.parametrize("case_id", ["../../evil", "/abs/evil", "..", ".hidden", "a/b"])
 @pytest.mark.parametrize("root", ["LOCAL", "s3://bucket/run"])
 def test_write_case_refuses_unsafe_case_ids(tmp_path, root, case_id):

@@ -63,12 +63,23 @@ def list_sources(job: PrepareJob) -> tuple[list[dict], list[dict]]:
     if not images and not labels:
         raise ValueError(f"source {src!r}: no files match images={job.images!r} / labels={job.labels!r}")
     items, rejects = [], []
+    used: dict[str, str] = {}   # case id -> the image it came from (sanitizing may map two names to one id)
     for key in sorted(images):
         if key not in labels:
             rejects.append({"source": images[key], "reason": f"image {images[key]}: no label file matching {job.labels!r}", "stage": "list"})
             continue
+        try:
+            cid = safe_case_id(key)
+        except ValueError as err:
+            rejects.append({"source": images[key], "reason": f"image {images[key]}: {err}", "stage": "list"})
+            continue
+        if cid in used:
+            rejects.append({"source": images[key], "reason": f"image {images[key]}: case id {cid!r} (from {key!r}) "
+                                                             f"is already used by {used[cid]}", "stage": "list"})
+            continue
+        used[cid] = images[key]
         items.append({"kind": "pair", "seed": -1, "image_uri": images[key], "label_uri": labels[key],
-                      "case_id": safe_case_id(key)})
+                      "case_id": cid})
     for key in sorted(set(labels) - set(images)):
         rejects.append({"source": labels[key], "reason": f"label {labels[key]}: no image file matching {job.images!r}", "stage": "list"})
     return items, rejects
