@@ -60,7 +60,7 @@ MANIFEST_REASONS = {
     "unsafeid.parquet": "case id",
 }
 # needs fcas/synthesis/plan.py to read with CASES_SCHEMA and check_id() each case id (see the report)
-MANIFEST_GAPS = {"nosplitcolumn.parquet", "unsafeid.parquet"}
+MANIFEST_GAPS: set[str] = set()   # none left: from_manifest reads with CASES_SCHEMA and checks ids
 CHECKPOINT_REASONS = {  # load_checkpoint + every state dict
     "incomplete": "not a complete checkpoint",
     "badmanifest": "unreadable",

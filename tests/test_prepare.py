@@ -112,10 +112,14 @@ def test_bad_split_fractions_and_case_ids():
         safe_case_id("...")
 
 
-def test_cli_exits_zero_and_prints_the_summary(tmp_path):
+def test_cli_exits_zero_and_prints_the_summary(ray_local, tmp_path):
+    """The job joins the session's Ray (ray.address=...) like a job on a running cluster."""
+    import ray
+
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "jobs/prepare.py", "source=phantom:3", f"out={out}", "preset=tiny"],
+        [sys.executable, "jobs/prepare.py", "source=phantom:3", f"out={out}", "preset=tiny",
+         f"ray.address={ray.get_runtime_context().gcs_address}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

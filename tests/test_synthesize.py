@@ -109,3 +109,19 @@ def test_synthesis_to_s3(ray_local, tiny_checkpoint, tiny_templates, s3_uri):
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["n_requested"] == 3
     again = run_synthesis(_job(out, tiny_checkpoint, 3, templates=tiny_templates, preview=False), progress=False)
     assert again["n_written_this_run"] == 0 and again["n_written"] == len(rows)
+
+
+def test_one_run_never_mixes_checkpoints(run12, tiny_checkpoint, tiny_templates, tmp_path):
+    """A digest given in the config, or the one a run's rows were made with, is insisted on."""
+    import shutil
+
+    with pytest.raises(ValueError, match="checkpoint_digest in the config were made with abababababab"):
+        run_synthesis(_job(tmp_path / "d", tiny_checkpoint, 2, templates=tiny_templates,
+                           checkpoint_digest="ab" * 32), progress=False)
+    other = tmp_path / "other-ckpt"
+    shutil.copytree(tiny_checkpoint, other)
+    (other / "checkpoint.json").write_text((other / "checkpoint.json").read_text() + "\n")   # another digest
+    out, _ = run12
+    with pytest.raises(ValueError, match=f"the samples already in {out} were made with"):
+        run_synthesis(_job(out, str(other), 13), progress=False)
+    assert read_run_manifest(str(out)).num_rows == 12

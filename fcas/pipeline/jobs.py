@@ -87,6 +87,7 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         run_seed=int(cfg.seed), shape=tuple(int(x) for x in cfg.preset.shape),
         spacing=tuple(float(x) for x in cfg.preset.spacing), sampler=sampler, mgm=plain["mgm"],
         schema=str(cfg.schema), preview=bool(cfg.preview), resources=resources, config_hash=config_hash(traced),
+        checkpoint_digest=cfg.get("checkpoint_digest") or None,
     )
 
 

@@ -21,6 +21,7 @@ import ray
 
 from fcas.deform.stage import MGMStage
 from fcas.io import storage
+from fcas.models.checkpoint import checkpoint_digest, latest_checkpoint
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.prepare import PrepareSettings
@@ -73,6 +74,7 @@ class SynthesisJob:
     resources: Resources = field(default_factory=Resources)
     config_hash: str = ""
     faults: FaultPlan | None = None            # tests only: inject failures (fcas.synthesis.faults)
+    checkpoint_digest: str | None = None       # refuse a checkpoint with another digest (None: the run's own)
 
     def __post_init__(self) -> None:
         if self.n < 0:
@@ -114,6 +116,7 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     stale = remove_temporaries(job.out)
     if stale:
         log.info("synthesize: removed %d temporary files an interrupted run left in %s", stale, job.out)
+    digest = _checked_digest(job)
     done = finished_ids(job.out)
     todo = [i for i in range(job.n) if i not in done]
     log.info("synthesize: %d of %d samples to do (%d already finished) -> %s", len(todo), job.n, len(done), job.out)
@@ -133,7 +136,8 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
         ds = ds.map_batches(MGMStage, fn_constructor_kwargs={"cfg": job.mgm or None, "schema": job.schema},
                             batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors), **actor_retry)
         ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler,
-                                                                 "tries": r.sampler_tries, "faults": job.faults},
+                                                                 "tries": r.sampler_tries, "faults": job.faults,
+                                                                 "expected_digest": digest},
                             batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
                             num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus, **actor_retry)
         ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults),
@@ -173,6 +177,25 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     }
     storage.atomic_write_bytes(storage.join(job.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _checked_digest(job: SynthesisJob) -> str:
+    """The digest of the checkpoint this run loads, refused (``ValueError``) when it differs from
+    ``job.checkpoint_digest`` or from the digest the run's existing rows were made with: one run
+    never mixes checkpoints. Sampler actors verify what they load against it."""
+    uri = job.checkpoint
+    if not storage.exists(storage.join(uri, "checkpoint.json")):
+        uri = latest_checkpoint(uri) or uri
+    if not storage.exists(storage.join(uri, "checkpoint.json")):
+        raise ValueError(f"checkpoint {job.checkpoint}: no checkpoint.json (not a complete checkpoint folder)")
+    digest = checkpoint_digest(uri)
+    recorded = set(read_run_manifest(job.out).column("checkpoint_digest").to_pylist()) - {None, ""}
+    for want, why in ((job.checkpoint_digest, "checkpoint_digest in the config"),
+                      (next(iter(recorded)) if len(recorded) == 1 else None, f"the samples already in {job.out}")):
+        if want and want != digest:
+            raise ValueError(f"checkpoint {uri} has digest {digest[:12]}…, but {why} were made with "
+                             f"{want[:12]}…; use that checkpoint or another out")
+    return digest
 
 
 def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:

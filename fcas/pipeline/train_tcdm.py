@@ -35,6 +35,9 @@ def _plain(cfg) -> dict:
 
 def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:
     """Hydra config (``configs/train_tcdm.yaml``) -> frozen :class:`TCDMSettings`."""
+    from fcas.pipeline.jobs import check_job_config
+
+    check_job_config(cfg, "train_tcdm")
     c = _plain(cfg)
     preset = c["preset"]
     train = dict(c.get("train") or {})

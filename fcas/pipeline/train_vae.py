@@ -15,6 +15,9 @@ __all__ = ["vae_settings_from_cfg", "run"]
 
 
 def vae_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> VAESettings:
+    from fcas.pipeline.jobs import check_job_config
+
+    check_job_config(cfg, "train_vae")
     c = _plain(cfg)
     preset, train = c["preset"], dict(c.get("train") or {})
     if train.get("crop") is None and preset.get("train_crop") is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fcas.io import manifest
+from fcas.security import check_id
 
 PLAN_STREAM = 0
 NOISE_STREAM = 1_000_003  # far from MGM's per-try streams
@@ -41,9 +42,11 @@ class TemplateLibrary:
     @classmethod
     def from_manifest(cls, cases_uri: str, template_split: str = "template",
                       reference_split: str = "reference") -> "TemplateLibrary":
-        rows = manifest.read_table(cases_uri).to_pylist()
+        rows = manifest.read_table(cases_uri, schema=manifest.CASES_SCHEMA).to_pylist()
         if not rows:
             raise ValueError(f"{cases_uri}: the cases manifest has no rows")
+        for r in rows:   # case ids name files downstream: refuse what is not a plain file name
+            check_id(r["case_id"], f"case id in {cases_uri}")
         refs = {s: tuple(CaseRef(r["case_id"], r["image_uri"], r["label_uri"])
                          for r in sorted(rows, key=lambda r: r["case_id"]) if r["split"] == s)
                 for s in (template_split, reference_split)}

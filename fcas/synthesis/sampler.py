@@ -26,7 +26,7 @@ import torch
 from fcas.diffusion.conditioning import build_c_raw, hu_to_unit, unit_to_hu
 from fcas.diffusion.sampling import decode_latent, sample
 from fcas.diffusion.ssv import SSV_MODES, ssv_confidence
-from fcas.io.nifti import read_nifti
+from fcas.prepare import load_case
 from fcas.models.bundle import load_tcdm
 from fcas.synthesis.faults import FaultPlan, InjectedFault
 
@@ -69,12 +69,12 @@ class SamplerStage:
     empty when fine), ``sample_s``, ``decode_s``, ``ssv_s`` and ``checkpoint_digest``."""
 
     def __init__(self, checkpoint: str, settings: SamplerSettings | Mapping | None = None, cache_size: int = 8,
-                 tries: int = 2, faults: FaultPlan | None = None):
+                 tries: int = 2, faults: FaultPlan | None = None, expected_digest: str | None = None):
         self.settings = settings if isinstance(settings, SamplerSettings) else SamplerSettings(**(settings or {}))
         dev = self.settings.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
                                    ("cpu" if dev == "auto" else dev))
-        self.bundle = load_tcdm(checkpoint).to(self.device)
+        self.bundle = load_tcdm(checkpoint, expected_digest=expected_digest).to(self.device)
         self.cond = self.bundle.condition
         self.schema = self.cond.label_schema
         self.cache_size = cache_size
@@ -87,8 +87,8 @@ class SamplerStage:
     def _template(self, image_uri: str, label_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = f"{image_uri}|{label_uri}"
         if key not in self._templates:
-            img, lab = read_nifti(image_uri), read_nifti(label_uri)
-            self._templates[key] = (hu_to_unit(img.array)[None, None], torch.from_numpy(lab.array.astype(np.int64))[None])
+            image, label, _ = load_case(image_uri, label_uri, self.schema)   # every check of prepare
+            self._templates[key] = (hu_to_unit(image)[None, None], torch.from_numpy(label.astype(np.int64))[None])
             while len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
         self._templates.move_to_end(key)
