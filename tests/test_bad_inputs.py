@@ -21,6 +21,7 @@ from fcas.pipeline.prepare import PrepareCase, PrepareJob, list_sources
 from fcas.prepare import CaseRejected, PrepareSettings, load_case
 from fcas.presets import load_preset
 from fcas.synthesis.plan import TemplateLibrary
+from tests.corpus import BAD_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "data" / "bad_inputs"
@@ -29,22 +30,7 @@ SCHEMA = default_schema()
 TINY = load_preset("tiny")
 
 # case kind -> a fragment the one-line reason (prepare and load_case) must contain
-CASE_REASONS = {
-    "truncated": "truncated",
-    "zerobyte": "empty",
-    "notnifti": "not a nifti",
-    "flat2d": "not a 3d",
-    "vol4d": "not a 3d",
-    "shapemismatch": "shape",
-    "affinemismatch": "affine",
-    "nanimage": "non-finite",
-    "infimage": "non-finite",
-    "floatlabel": "float",
-    "unknownids": "not in schema",
-    "noheart": "no heart",
-    "nothu": "hu range",
-    "huge": "over the limit",
-}
+CASE_REASONS = {**BAD_KINDS, "infimage": "non-finite"}   # tests/corpus.py kinds + the corpus's ±inf image
 GOOD_CASES = sorted(k for k, v in KINDS["cases"].items() if v == "good")
 # files read_nifti alone must refuse (format errors); the rest are valid NIfTI with bad content
 NIFTI_REASONS = {"truncated": "truncated", "zerobyte": "empty", "notnifti": "not a nifti", "huge": "truncated voxel data"}
