@@ -1,0 +1,332 @@
+"""CAL pretraining + fine-tuning loop (plain PyTorch; Ray Train wiring in :mod:`fcas.pipeline.pretrain_cal`).
+
+Two stages on one step counter, ``1 .. pretrain_steps + finetune_steps``:
+
+* ``pretrain``: batches of synthetic ``(image, mask, CM)`` samples (a stream handed in by the caller,
+  e.g. a Ray Data shard, or :func:`fcas.cal.data.local_synthetic_batches`), loss ``cal`` (Eq. 9,
+  CM-weighted) or ``plain`` (Eq. 8) by config;
+* ``finetune``: batches drawn from the small labelled set (real cases or prepared phantoms) with
+  the plain loss and a fresh AdamW at ``finetune_lr``.
+
+Augmentation (MONAI dict transforms) is seeded by ``(seed, step, rank, j)``. Rank 0 writes a
+checkpoint folder (:func:`fcas.models.checkpoint.save_checkpoint`: ``net.pt``, ``optimizer.pt``,
+``config.json``, ``checkpoint.json`` last) every ``checkpoint_every`` steps and at the end of each
+stage, after rewriting ``out/metrics.jsonl`` (one line per step: step, stage, loss, ce, dice). A
+restart resumes from the latest complete checkpoint with its step, weights and optimizer state; the
+metrics log is cut back to that step. With the Ray-free synthetic reader and the fine-tune stage every
+draw is keyed by the step, so a resumed run follows the uninterrupted trajectory; a Ray Data stream
+restarts at the beginning of an epoch instead (same step and optimizer state, other samples).
+Hand-written training glue.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from fcas.cal.data import (AugmentConfig, FinetuneSet, augment_batch, build_augment, load_finetune_set,
+                           local_synthetic_batches, num_classes, synthetic_rows)
+from fcas.cal.loss import cal_loss
+from fcas.cal.net import SegNetConfig, build_segnet
+from fcas.io import storage
+from fcas.models.checkpoint import (checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
+                                    load_checkpoint, load_into, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CALTrainConfig", "CALSettings", "train_cal_loop", "ARCH_KEYS", "METRICS_FILE", "read_metrics"]
+
+ARCH_KEYS = ("net", "schema")
+METRICS_FILE = "metrics.jsonl"
+STAGES = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class CALTrainConfig:
+    pretrain_steps: int = 20
+    finetune_steps: int = 10
+    batch_size: int = 2            # per worker and step
+    lr: float = 1e-3               # pretraining (AdamW)
+    finetune_lr: float = 5e-4      # fine-tuning: a fresh AdamW at this rate
+    weight_decay: float = 1e-5
+    loss: str = "cal"              # pretraining loss: 'cal' (Eq. 9) | 'plain' (Eq. 8)
+    lambda_ce: float = 1.0
+    lambda_dice: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3      # 0 keeps all
+    grad_clip: float = 12.0        # nnU-Net's clip; 0 = off
+    crop: tuple[int, int, int] | None = None   # random training window in voxels (None: whole volumes)
+    amp: bool = True               # used only on CUDA
+
+    def __post_init__(self) -> None:
+        if self.crop is not None:
+            object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+        if self.loss not in ("cal", "plain"):
+            raise ValueError(f"unknown loss {self.loss!r}; use 'cal' or 'plain'")
+        if self.pretrain_steps < 0 or self.finetune_steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError(
+                f"need pretrain_steps, finetune_steps >= 0, batch_size, checkpoint_every >= 1; got "
+                f"{self.pretrain_steps}, {self.finetune_steps}, {self.batch_size}, {self.checkpoint_every}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.pretrain_steps + self.finetune_steps
+
+
+def _build(cls, d: Mapping[str, Any] | None):
+    d = dict(d or {})
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class CALSettings:
+    """Resolved configuration of one CAL run (built once on the driver)."""
+
+    syn: str | None                 # synthesis run folder (its manifest); None: no pretraining
+    real: str | None                # fine-tune set: prepared cases.parquet or phantom:N[@OFFSET]; None: none
+    out: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    preset: str = "tiny"
+    real_split: str | None = "train"
+    schema: str = "cardiac"
+    net: SegNetConfig = field(default_factory=SegNetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: CALTrainConfig = field(default_factory=CALTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.pretrain_steps > 0 and not self.syn:
+            raise ValueError(f"pretrain_steps={self.train.pretrain_steps} needs syn=<synthesis run>")
+        if self.train.finetune_steps > 0 and not self.real:
+            raise ValueError(f"finetune_steps={self.train.finetune_steps} needs real=<cases.parquet | phantom:N>")
+        if any(s % self.net.divisor for s in self.window):
+            raise ValueError(f"training window {self.window} must be a multiple of {self.net.divisor} (the net's strides)")
+        want = num_classes(self.schema)
+        if self.net.out_channels != want:
+            raise ValueError(f"net.out_channels={self.net.out_channels}, schema {self.schema!r} needs {want}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CALSettings":
+        d = dict(d)
+        net = dict(d.get("net") or {})
+        net.setdefault("out_channels", num_classes(d.get("schema", "cardiac")))
+        return cls(
+            syn=d.get("syn") or None,
+            real=d.get("real") or None,
+            out=str(d["out"]),
+            shape=tuple(int(v) for v in d["shape"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            preset=str(d.get("preset", "custom")),
+            real_split=d.get("real_split", "train"),
+            schema=str(d.get("schema", "cardiac")),
+            net=SegNetConfig.from_dict(net),
+            augment=AugmentConfig.from_dict(d.get("augment")),
+            train=_build(CALTrainConfig, d.get("train")),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["net"] = self.net.to_dict()
+        d["shape"], d["spacing"] = list(self.shape), list(self.spacing)
+        return d
+
+    def arch(self) -> dict:
+        d = self.to_dict()
+        return {k: d[k] for k in ARCH_KEYS}
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        """The net's input size in training (the crop, else the whole grid); also the inference window."""
+        return tuple(self.train.crop) if self.train.crop is not None else tuple(self.shape)
+
+    def stage_of(self, step: int) -> str:
+        """Stage of step ``step`` (1-based)."""
+        return "pretrain" if step <= self.train.pretrain_steps else "finetune"
+
+
+def read_metrics(out: str) -> list[dict]:
+    """Rows of ``out/metrics.jsonl`` (empty if absent)."""
+    uri = storage.join(out, METRICS_FILE)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def crop_batch(batch: Mapping[str, Any], crop, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """One random window of size ``crop`` per sample of ``{"image", "label", "cm"}`` ``(B, 1, D, H, W)``."""
+    from fcas.diffusion.data import crop_slices
+
+    out: dict[str, list] = {"image": [], "label": [], "cm": []}
+    shape = tuple(batch["image"].shape[2:])
+    for j in range(batch["image"].shape[0]):
+        sl = (slice(None), *crop_slices(shape, crop, rng))
+        for k in out:
+            out[k].append(torch.as_tensor(batch[k][j])[sl])
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _default_report(metrics: dict, checkpoint_uri: str | None = None) -> None:
+    return None
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+def train_cal_loop(
+    settings: CALSettings,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+    report: Callable[..., None] = _default_report,
+    synthetic_batches: Callable[[int], Iterator[Mapping[str, Any]]] | None = None,
+    finetune: FinetuneSet | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) pretraining then fine-tuning up to ``pretrain_steps + finetune_steps``.
+
+    Args:
+        synthetic_batches: ``start_step -> iterator`` of batches ``{"image" (B, 1, D, H, W) float in
+            [0, 1], "label" (B, 1, D, H, W) int net classes, "cm" (B, 1, D, H, W) in [0, 1]}`` (numpy
+            or torch); called once, when pretraining starts. Default: the Ray-free reader of
+            ``settings.syn``'s manifest.
+        finetune: the labelled set; default: loaded from ``settings.real`` when fine-tuning starts.
+        report: ``report(metrics, checkpoint_uri=None)``, called every step on every rank.
+
+    Returns:
+        summary dict: ``start_step``, ``final_step``, ``steps_run``, ``last_loss``, ``seconds``,
+        ``latest_checkpoint`` (rank 0).
+    """
+    tc = settings.train
+    device = torch.device(device)
+    total = tc.total_steps
+
+    torch.manual_seed(tc.seed)
+    net = build_segnet(settings.net).to(device)
+
+    start_step, opt_state, stage_at_ckpt = 0, None, None
+    latest = latest_checkpoint(settings.out)
+    if latest is not None:
+        ck = load_checkpoint(latest)
+        if config_hash({k: ck.config.get(k) for k in ARCH_KEYS}) != config_hash(settings.arch()):
+            raise ValueError(f"checkpoint {latest} holds another net/schema than this run's; "
+                             f"use another out= or the same settings")
+        load_into(net, ck.state_dict("net"), storage.join(latest, "net.pt"))
+        opt_state, stage_at_ckpt, start_step = ck.state_dict("optimizer"), ck.config.get("stage"), ck.step
+        if rank == 0:
+            log.info("pretrain_cal: resuming from %s at step %d (%s)", latest, start_step, stage_at_ckpt)
+
+    history = [r for r in read_metrics(settings.out) if int(r["step"]) <= start_step] if rank == 0 else []
+    use_amp = tc.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    transform = build_augment(settings.augment) if settings.augment.enabled else None
+    state: dict[str, Any] = {"stage": None, "module": None, "opt": None, "batches": None, "finetune": finetune}
+
+    def enter_stage(stage: str, opt_sd=None) -> None:
+        lr = tc.lr if stage == "pretrain" else tc.finetune_lr
+        module = state["module"] if state["module"] is not None else wrap_model(net)
+        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=tc.weight_decay)
+        if opt_sd is not None:
+            opt.load_state_dict(opt_sd)
+        state.update(stage=stage, module=module, opt=opt)
+
+    def save(step: int) -> str:
+        if history:
+            blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode()
+            storage.atomic_write_bytes(storage.join(settings.out, METRICS_FILE), blob)
+        uri = checkpoint_dir(settings.out, step)
+        config = {**settings.to_dict(), "stage": state["stage"], "window": list(settings.window), "config_hash": config_hash(settings.to_dict())}
+        save_checkpoint(uri, config=config, step=step,
+                        state_dicts={"net": _unwrap(state["module"]).state_dict(), "optimizer": state["opt"].state_dict()})
+        if tc.keep_checkpoints > 0:
+            for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
+                storage.remove(old, recursive=True, missing_ok=True)
+        return uri
+
+    def next_batch(step: int, stage: str) -> Mapping[str, Any]:
+        if stage == "pretrain":
+            if state["batches"] is None:
+                make = synthetic_batches or (lambda s: local_synthetic_batches(
+                    synthetic_rows(settings.syn), tc.batch_size, tc.seed, s, rank, world_size, settings.schema))
+                state["batches"] = iter(make(step - 1))
+            return next(state["batches"])
+        if state["finetune"] is None:
+            state["finetune"] = load_finetune_set(settings.real, settings.shape, settings.spacing,
+                                                  settings.real_split, settings.schema)
+            if len(state["finetune"]) == 0:
+                raise ValueError(f"fine-tune set {settings.real!r} is empty")
+        return state["finetune"].batch(tc.batch_size, np.random.default_rng([tc.seed, step, rank, 1]))
+
+    bar = None
+    if progress and rank == 0 and start_step < total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start_step, desc="pretrain_cal", unit="step", dynamic_ncols=True)
+    t_start, steps_done, last_loss = time.perf_counter(), 0, float("nan")
+    for step in range(start_step + 1, total + 1):
+        stage = settings.stage_of(step)
+        if stage != state["stage"]:
+            resume_opt = opt_state if (state["stage"] is None and stage_at_ckpt == stage) else None
+            enter_stage(stage, resume_opt)
+        t0 = time.perf_counter()
+        raw = next_batch(step, stage)
+        if tuple(raw["image"].shape[2:]) != tuple(settings.shape):
+            raise ValueError(f"{stage} batch has grid {tuple(raw['image'].shape[2:])}, the run expects {settings.shape}")
+        if tc.crop is not None:
+            raw = crop_batch(raw, tc.crop, np.random.default_rng([tc.seed, step, rank, 2]))
+        batch = augment_batch(raw, transform, (tc.seed, step, rank))
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        cm = batch["cm"].to(device) if (stage == "pretrain" and tc.loss == "cal") else None
+        amp_ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+        with amp_ctx:
+            logits = state["module"](image)
+        loss, parts = cal_loss(logits.float(), label, cm, lambda_ce=tc.lambda_ce, lambda_dice=tc.lambda_dice,
+                               return_parts=True)
+        opt = state["opt"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tc.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        dt = time.perf_counter() - t0
+        last_loss = float(loss.detach())
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"loss is {last_loss} at step {step} ({stage})")
+        steps_done += 1
+        row = {"step": step, "stage": stage, "loss": last_loss, **parts, "step_time_s": dt,
+               "cm_mean": float(batch["cm"].mean()) if cm is not None else 1.0}
+        if rank == 0:
+            history.append(row)
+        ck_uri = None
+        if rank == 0 and (step % tc.checkpoint_every == 0 or step == total or step == tc.pretrain_steps):
+            ck_uri = save(step)
+        report({**row, "samples_per_s": tc.batch_size * world_size / dt}, checkpoint_uri=ck_uri)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss=f"{last_loss:.4f}")
+    if bar is not None:
+        bar.close()
+    return {
+        "start_step": start_step,
+        "final_step": max(start_step, total),
+        "steps_run": steps_done,
+        "last_loss": last_loss,
+        "seconds": time.perf_counter() - t_start,
+        "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
+    }
