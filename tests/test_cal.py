@@ -178,7 +178,7 @@ def test_loop_resume_is_bit_exact(syn12, tmp_path):
 # ---- the Ray Train job ---------------------------------------------------------------------------
 
 
-def test_pretrain_cal_job_on_ray_train_with_resume(syn12, ray_local, tmp_path):
+def test_pretrain_cal_job_on_ray_train_resumes_and_fine_tunes(syn12, ray_local, tmp_path):
     from fcas.pipeline.pretrain_cal import run
 
     out = tmp_path / "cal"
@@ -187,24 +187,29 @@ def test_pretrain_cal_job_on_ray_train_with_resume(syn12, ray_local, tmp_path):
             "segnet": {"name": "tiny", "filters": [8, 16, 32], "kernel_size": [3, 3, 3], "strides": [1, 2, 2]},
             "data": {"cpus": 0.25, "rows_per_block": 2},
             "trainer": {"num_workers": 2, "cpus_per_worker": 0.5, "progress": False}}
-    # pretraining streams the synthetic run through Ray Data into 2 DDP workers (0.5 CPU each)
-    first = run({**base, "train": {"pretrain_steps": 3, "finetune_steps": 0, "checkpoint_every": 2}})
-    assert first["step"] == 3 and first["last_loss"]["pretrain"] > 0
-    assert [s for s, _ in list_checkpoints(str(out))] == [2, 3]
-    saved = load_checkpoint(first["latest_checkpoint"]).state_dict("net")
-    # the rerun with fine-tuning added resumes at step 3 (pretraining done: no Ray Data this time)
-    second = run({**base, "train": {"pretrain_steps": 3, "finetune_steps": 2, "checkpoint_every": 2}})
-    assert second["step"] == 5
+    # steps 1-2 by the Ray-free loop (cheap); one Ray Train run then resumes at step 2 with the saved
+    # weights and AdamW state, streams the synthetic run through Ray Data into 2 DDP workers (0.5 CPU
+    # each) for pretraining step 3 and fine-tunes steps 4-5 on 6 phantoms
+    train_cal_loop(_settings(syn12, out, 2, 0), progress=False)
+    saved = load_checkpoint(latest_checkpoint(str(out)))
+    assert saved.step == 2 and saved.config["stage"] == "pretrain"
+    summary = run({**base, "train": {"pretrain_steps": 3, "finetune_steps": 2, "checkpoint_every": 2,
+                                     "keep_checkpoints": 0}})
+    assert summary["step"] == 5 and summary["last_loss"]["pretrain"] > 0 and summary["last_loss"]["finetune"] > 0
+    assert [s for s, _ in list_checkpoints(str(out))] == [2, 3, 4, 5]
     rows = read_metrics(str(out))
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["stage"] for r in rows] == ["pretrain"] * 3 + ["finetune"] * 2
-    assert not all(torch.equal(v, load_checkpoint(second["latest_checkpoint"]).state_dict("net")[k])
-                   for k, v in saved.items())
+    # step 3 continued from the saved AdamW state (its step count goes on from 2); fine-tuning starts afresh
+    opt3 = load_checkpoint(str(out / "step_000000003")).state_dict("optimizer")["state"]
+    opt5 = load_checkpoint(str(out / "step_000000005")).state_dict("optimizer")["state"]
+    assert {float(v["step"]) for v in saved.state_dict("optimizer")["state"].values()} == {2.0}
+    assert {float(v["step"]) for v in opt3.values()} == {3.0} and {float(v["step"]) for v in opt5.values()} == {2.0}
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert all(r["cm_mean"] < 1.0 for r in rows[:3])   # pretraining saw the confidence maps
-    final = load_checkpoint(second["latest_checkpoint"])
+    final = load_checkpoint(summary["latest_checkpoint"])
     assert final.step == 5 and final.config["stage"] == "finetune"
-    net, cfg = load_segnet(second["latest_checkpoint"])
+    net, cfg = load_segnet(summary["latest_checkpoint"])
     assert cfg["net"]["out_channels"] == 9
     ft = load_finetune_set("phantom:1@100", TINY.shape, TINY.spacing)
     with torch.no_grad():
@@ -212,5 +217,5 @@ def test_pretrain_cal_job_on_ray_train_with_resume(syn12, ray_local, tmp_path):
     from fcas.phantom import make_case
 
     case = make_case(seed=100, shape=TINY.shape, spacing=TINY.spacing)
-    pred = load_predictor(second["latest_checkpoint"])(case.image)
+    pred = load_predictor(summary["latest_checkpoint"])(case.image)
     assert pred.shape == TINY.shape and pred.dtype == np.uint8 and set(np.unique(pred).tolist()) <= set(range(9))
