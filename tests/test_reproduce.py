@@ -1,0 +1,137 @@
+"""make reproduce: the smoke scale end to end on local Ray (tiny preset, the session's tiny checkpoint), stage
+caching and resume, the mechanical verdicts, held-out pair sampling determinism."""
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from fcas.reproduce import ARMS, ReproduceSettings, _stage, _verdict, read_stage_log, sample_held_out_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+NUM = re.compile(r"-?\d+\.\d+ ± \d+\.\d+")
+
+
+def _smoke_cfg(tmp_path, checkpoint, library=None):
+    cfg = OmegaConf.load(ROOT / "configs" / "reproduce.yaml")
+    cfg.pop("defaults")
+    cfg.pop("hydra")
+    cfg.scale = "smoke"
+    cfg.work = str(tmp_path / "work")
+    cfg.results = str(tmp_path / "docs" / "results.md")
+    cfg.plots = str(tmp_path / "docs" / "results")
+    sm = cfg.scales.smoke   # the tiny preset and the session's tiny TCDM (the demo one costs minutes on 2 CPUs)
+    sm.preset, sm.shape, sm.spacing = "tiny", [32, 32, 32], [4.0, 4.0, 4.0]
+    sm.checkpoint = sm.mask_only_checkpoint = checkpoint
+    sm.fid_resize = None
+    sm.seeds = [0, 1]      # two seeds still give mean ± sd; the third only costs time on the shared 2 cores
+    sm.library = library   # the session's prepared tiny library (the prepare job itself is tested elsewhere)
+    return cfg
+
+
+def _section(md: str, title: str) -> str:
+    start = md.index(title)
+    nxt = md.find("\n## ", start + 1)
+    return md[start: nxt if nxt > 0 else len(md)]
+
+
+def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_templates, tmp_path):
+    from fcas.pipeline.reproduce import run
+
+    cfg = _smoke_cfg(tmp_path, tiny_checkpoint, tiny_templates)
+    t0 = time.perf_counter()
+    out = run(cfg)
+    first = time.perf_counter() - t0
+    md = Path(out["results"]).read_text()
+    assert "SMOKE SCALE" in md
+    for title, rows in (("## Table 1", 2), ("## Table 3", 2), ("## Table 4", 2)):
+        sec = _section(md, title)
+        table = [line for line in sec.splitlines() if line.startswith("| ") and NUM.search(line)]
+        assert len(table) >= rows, f"{title}: expected {rows} rows with numbers, got:\n{sec}"
+    for png in ("table1.png", "dice_per_class.png", "learning_curves.png"):
+        assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "](results/table1.png)" in md
+
+    work = tmp_path / "work"
+    seeds = list(cfg.scales.smoke.seeds)
+    names = {"data", "synthesis", *(f"table1_seed{k}" for k in seeds), *(f"seg_{a}_seed{k}" for a in ARMS for k in seeds)}
+    assert {p.stem for p in (work / "stages").glob("*.json")} == names
+    ran = {r["stage"] for r in read_stage_log(str(work)) if r["event"] == "ran"}
+    assert ran == names
+    # figures are in range
+    t1 = json.loads((work / "stages" / f"table1_seed{seeds[0]}.json").read_text())["result"]
+    for m in ("template", "mask_only"):
+        assert -1.0 <= t1[m]["ssim_mean"] <= 1.0 and 0.0 <= t1[m]["rmse_mean"] <= 1.0 and t1[m]["fid"] >= 0.0
+    # both arms used the same checkpoint here, with the same noise per (seed, pair): identical images
+    assert t1["template"]["ssim"] == t1["mask_only"]["ssim"]
+    seg = json.loads((work / "stages" / f"seg_cal_seed{seeds[0]}.json").read_text())["result"]
+    assert seg["train"]["final_step"] == cfg.scales.smoke.pretrain_steps + cfg.scales.smoke.finetune_steps
+    assert 0.0 <= seg["eval"]["mean_dice"] <= 1.0 and len(seg["eval"]["per_class"]) == 8
+    assert {r["stage"] for r in seg["curve"]} == {"pretrain", "finetune"}
+    syn = json.loads((work / "stages" / "synthesis.json").read_text())["result"]
+    assert syn["n_written"] == cfg.scales.smoke.syn_n
+
+    # rerun: every stage is read from its cache, nothing runs again, the report is rewritten
+    n_log = len(read_stage_log(str(work)))
+    Path(out["results"]).unlink()
+    t0 = time.perf_counter()
+    run(cfg)
+    second = time.perf_counter() - t0
+    new = read_stage_log(str(work))[n_log:]
+    assert {r["stage"] for r in new if r["event"] == "cached"} == names
+    assert not [r for r in new if r["event"] == "ran"]
+    assert Path(out["results"]).read_text().count("±") == md.count("±")
+    assert second < first
+    print(f"reproduce smoke: first run {first:.1f} s, cached rerun {second:.1f} s; stages {out['stages']}")
+
+
+def test_stage_cache_runs_once(tmp_path):
+    calls = []
+    fn = lambda: calls.append(1) or {"x": np.float32(0.5), "nan": float("nan")}  # noqa: E731
+    a = _stage(str(tmp_path), "s", fn)
+    b = _stage(str(tmp_path), "s", fn)
+    assert calls == [1]
+    assert a["result"] == b["result"] == {"x": 0.5, "nan": None}
+    assert [r["event"] for r in read_stage_log(str(tmp_path))] == ["ran", "cached"]
+
+
+@pytest.mark.parametrize("better, worse, sd_b, sd_w, higher, start", [
+    (0.9, 0.5, 0.1, 0.1, True, "reproduced"),
+    (0.55, 0.5, 0.1, 0.1, True, "same direction"),
+    (0.5, 0.9, 0.1, 0.1, True, "NOT reproduced"),
+    (0.5, 0.55, 0.1, 0.1, True, "not reproduced"),
+    (0.1, 0.5, 0.05, 0.05, False, "reproduced"),        # lower is better (RMSE, FID)
+    (float("nan"), 0.5, 0.1, 0.1, True, "not measurable"),
+])
+def test_verdict(better, worse, sd_b, sd_w, higher, start):
+    assert _verdict(better, worse, sd_b, sd_w, higher).startswith(start)
+
+
+@pytest.mark.parametrize("bad", [{"seeds": []}, {"pairs": 1}, {"n_test": 1}, {"stop_after": "nope"}, {"nonsense": 1}])
+def test_settings_refuse_bad_values(bad):
+    with pytest.raises(ValueError):
+        ReproduceSettings.from_dict({"work": "w", **bad})
+
+
+def test_unknown_scale_is_refused(tmp_path):
+    from fcas.pipeline.reproduce import settings_from_cfg
+
+    cfg = _smoke_cfg(tmp_path, "x")
+    cfg.scale = "huge"
+    with pytest.raises(ValueError, match="huge"):
+        settings_from_cfg(cfg)
+
+
+def test_held_out_pairs_noise_follows_the_seed(tiny_checkpoint):
+    from fcas.diffusion.data import load_cases
+
+    cases = load_cases("phantom:2@5000", (32, 32, 32), (4.0, 4.0, 4.0))
+    a = sample_held_out_pairs(tiny_checkpoint, cases, 2, 2, seed=0)
+    b = sample_held_out_pairs(tiny_checkpoint, cases, 2, 2, seed=0)
+    c = sample_held_out_pairs(tiny_checkpoint, cases, 2, 2, seed=1)
+    assert len(a) == 2 and a[0].shape == (32, 32, 32) and 0.0 <= a[0].min() and a[0].max() <= 1.0
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
