@@ -154,14 +154,24 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_templates(ray_local, tmp_path_factory):
-    """``cases.parquet`` URI of a tiny-preset template library (4 phantoms: 1 template, 3 references),
-    prepared once per session so synthesis tests do not each prepare their own."""
-    from fcas.pipeline.synthesize import SynthesisJob, template_library
+def tiny_run12(ray_local, tiny_checkpoint, tmp_path_factory):
+    """``(out Path, summary)`` of one 12-sample tiny synthesis run (the bundled phantom:4 library
+    prepared under it, 4 DDIM steps, previews), shared read-only by the synthesis, CAL and fault tests."""
+    from fcas.pipeline.synthesize import Resources, SynthesisJob, run_synthesis
     from fcas.presets import load_preset
+    from fcas.synthesis.sampler import SamplerSettings
 
     tiny = load_preset("tiny")
-    out = tmp_path_factory.mktemp("templates-tiny")
-    template_library(SynthesisJob(n=0, out=str(out), checkpoint="", templates="phantom:4",
-                                  shape=tiny.shape, spacing=tiny.spacing))
-    return str(out / "templates" / "cases.parquet")
+    out = tmp_path_factory.mktemp("syn12")
+    summary = run_synthesis(SynthesisJob(n=12, out=str(out), checkpoint=tiny_checkpoint, templates="phantom:4",
+                                         shape=tiny.shape, spacing=tiny.spacing,
+                                         sampler=SamplerSettings(steps=4, ssv_every=1),
+                                         resources=Resources(writer_batch_size=3), config_hash="test"),
+                            progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_templates(tiny_run12):
+    """``cases.parquet`` URI of the tiny template library (4 phantoms: 1 template, 3 references)."""
+    return str(tiny_run12[0] / "templates" / "cases.parquet")

@@ -119,17 +119,11 @@ def test_augmentation_is_seeded_and_keeps_classes():
 
 
 @pytest.fixture(scope="module")
-def syn12(ray_local, tiny_checkpoint, tiny_templates, tmp_path_factory):
-    from fcas.pipeline.synthesize import Resources, SynthesisJob, run_synthesis
-    from fcas.synthesis.sampler import SamplerSettings
-
-    out = tmp_path_factory.mktemp("cal-syn12")
-    run_synthesis(SynthesisJob(n=12, out=str(out), checkpoint=tiny_checkpoint, templates=tiny_templates,
-                               shape=TINY.shape, spacing=TINY.spacing, sampler=SamplerSettings(steps=2, ssv_every=1),
-                               resources=Resources(writer_batch_size=3), preview=False, config_hash="test"),
-                  progress=False)
-    assert synthetic_rows(str(out)).num_rows == 12
-    return str(out)
+def syn12(tiny_run12):
+    """The session's 12-sample tiny synthesis run (tests/conftest.py), read only."""
+    out = str(tiny_run12[0])
+    assert synthetic_rows(out).num_rows == 12
+    return out
 
 
 def _settings(syn, out, pretrain, finetune, **train):

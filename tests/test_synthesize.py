@@ -30,10 +30,9 @@ def _files(out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run12(ray_local, tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn12")
-    summary = run_synthesis(_job(out, tiny_checkpoint, 12), progress=False)
-    return out, summary
+def run12(tiny_run12):
+    """The session's 12-sample run (conftest): the same settings as :func:`_job` with n=12."""
+    return tiny_run12
 
 
 def test_twelve_samples_end_to_end(run12):
