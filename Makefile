@@ -31,8 +31,8 @@ weights: install
 	$(BIN)/python jobs/train_tcdm.py preset=demo model=demo data=phantom:24 vae=outputs/weights/vae out=outputs/weights/tcdm train.steps=500 train.lr=3e-4 train.checkpoint_every=100 train.keep_checkpoints=2
 	$(BIN)/python -m fcas.models.export outputs/weights/tcdm checkpoints/demo
 
-# Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md (about 1.5 h
-# on 2 CPU cores; every stage is cached under outputs/reproduce-full/, so a rerun resumes).
+# Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md (estimated
+# ~70 min on 2 CPU cores; every stage is cached under outputs/reproduce-full/, so a rerun resumes).
 reproduce: install
 	$(BIN)/python jobs/reproduce.py
 
