@@ -78,11 +78,16 @@ def test_rerun_does_nothing_and_is_deterministic(run12, ray_local, tiny_checkpoi
             assert np.array_equal(a, b), (r["sample_id"], k)
 
 
-def test_cli_defaults_override(tiny_checkpoint, tmp_path):
+def test_cli_defaults_override(ray_local, tiny_checkpoint, tmp_path):
+    """The CLI with overrides, joined to the session's Ray (``ray.address``) as on a running cluster;
+    the no-address path (a local Ray started in-process) is what ``make demo`` runs."""
+    import ray
+
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "jobs/synthesize.py", "preset=tiny", "n=2", f"out={out}", f"checkpoint={tiny_checkpoint}",
-         "sampler.steps=3", "ssv.every=1", "templates=phantom:2", "progress=false"],
+         "sampler.steps=3", "ssv.every=1", "templates=phantom:2", "progress=false",
+         f"ray.address={ray.get_runtime_context().gcs_address}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
