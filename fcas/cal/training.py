@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 from fcas.cal.data import (AugmentConfig, FinetuneSet, augment_batch, build_augment, load_finetune_set,
                            local_synthetic_batches, num_classes, synthetic_rows)
 from fcas.cal.loss import cal_loss
+from fcas.diffusion.training import build_settings
 from fcas.cal.net import SegNetConfig, build_segnet
 from fcas.io import storage
 from fcas.models.checkpoint import (checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
@@ -80,16 +81,6 @@ class CALTrainConfig:
     def total_steps(self) -> int:
         return self.pretrain_steps + self.finetune_steps
 
-
-def _build(cls, d: Mapping[str, Any] | None):
-    d = dict(d or {})
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**d)
-
-
 @dataclass(frozen=True)
 class CALSettings:
     """Resolved configuration of one CAL run (built once on the driver)."""
@@ -133,7 +124,7 @@ class CALSettings:
             schema=str(d.get("schema", "cardiac")),
             net=SegNetConfig.from_dict(net),
             augment=AugmentConfig.from_dict(d.get("augment")),
-            train=_build(CALTrainConfig, d.get("train")),
+            train=build_settings(CALTrainConfig, d.get("train")),
         )
 
     def to_dict(self) -> dict:

@@ -78,7 +78,8 @@ class TrainConfig:
             )
 
 
-def _build(cls, d: Mapping[str, Any] | None):
+def build_settings(cls, d: Mapping[str, Any] | None):
+    """``cls(**d)`` for a settings dataclass, refusing unknown keys by name (``ValueError``)."""
     d = dict(d or {})
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
@@ -113,9 +114,9 @@ class TCDMSettings:
             vae=d.get("vae"),
             preset=str(d.get("preset", "custom")),
             model=ModelConfig.from_dict(d.get("model") or {}),
-            condition=_build(ConditionConfig, d.get("condition")),
-            scheduler=_build(SchedulerConfig, d.get("scheduler")),
-            train=_build(TrainConfig, d.get("train")),
+            condition=build_settings(ConditionConfig, d.get("condition")),
+            scheduler=build_settings(SchedulerConfig, d.get("scheduler")),
+            train=build_settings(TrainConfig, d.get("train")),
         )
 
     def to_dict(self) -> dict:
