@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fcas.evaluation.report import json_safe
 from fcas.io import storage
 
 log = logging.getLogger(__name__)
@@ -163,23 +164,11 @@ def _stage(work: str, name: str, fn: Callable[[], dict]) -> dict:
     log.info("reproduce: stage %s ...", name)
     t0 = time.perf_counter()
     result = fn()
-    rec = {"stage": name, "seconds": round(time.perf_counter() - t0, 2), "result": _clean(result)}
+    rec = {"stage": name, "seconds": round(time.perf_counter() - t0, 2), "result": json_safe(result)}
     storage.atomic_write_bytes(uri, json.dumps(rec, indent=1).encode())
     _log_event(work, {"stage": name, "event": "ran", "seconds": rec["seconds"], "at": time.time()})
     log.info("reproduce: stage %s done in %.1f s", name, rec["seconds"])
     return rec
-
-
-def _clean(x):
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def _ms(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -596,7 +585,7 @@ def render_results(s: ReproduceSettings, stages: Mapping[str, dict], config: Map
           f"latent mode every {s.ssv_every} steps, run seed {s.syn_seed}, template library phantom:{s.library_n} = the "
           "demo TCDM's own training phantoms 0..N-1, split 25 % template / 75 % reference); one run shared by every seed.",
           f"- Real (phantom) data: train {s.train_source}, test {s.test_source} (phantom seeds the TCDM never saw).",
-          "", "```", *(f"{k}: {json.dumps(_clean(v))}" for k, v in (config or asdict(s)).items()), "```", "",
+          "", "```", *(f"{k}: {json.dumps(json_safe(v))}" for k, v in (config or asdict(s)).items()), "```", "",
           "## Stage timings", "",
           "Wall seconds of each stage when it ran (a cached stage keeps the figure of the run that made it). "
           "Load average of the machine when this report was written (1/5/15 min): "

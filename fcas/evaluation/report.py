@@ -84,12 +84,12 @@ def settings_from_dict(d: Mapping[str, Any]) -> EvaluateSettings:
 
 
 # ---- small helpers --------------------------------------------------------------------------
-def _clean(x):
+def json_safe(x):
     """JSON-safe copy: NaN / inf -> None, numpy scalars -> Python."""
     if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(float(x)) else None
     if isinstance(x, np.integer):
@@ -224,7 +224,7 @@ def write_report(s: EvaluateSettings, summary: dict, plots: Mapping[str, bytes],
         storage.atomic_write_bytes(storage.join(s.out, name), data)
     summary["plots"] = sorted(plots)
     summary["settings"] = asdict(s)
-    clean = _clean(summary)
+    clean = json_safe(summary)
     storage.atomic_write_bytes(storage.join(s.out, "metrics.json"), json.dumps(clean, indent=2).encode())
     storage.atomic_write_bytes(storage.join(s.out, "report.md"), ("\n".join(md) + "\n").encode())
     return clean

@@ -22,22 +22,16 @@ from typing import Any, Mapping
 import ray
 import ray.train
 import ray.train.torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fcas.cal.data import load_synthetic_batch, synthetic_rows
 from fcas.cal.training import CALSettings, train_cal_loop
 from fcas.pipeline.ray_env import ensure_ray
-from fcas.pipeline.train_tcdm import _inject_failure, worker_hooks
+from fcas.pipeline.train_tcdm import _inject_failure, _plain, worker_hooks
 
 log = logging.getLogger(__name__)
 
 __all__ = ["cal_settings_from_cfg", "synthetic_dataset", "fit_cal", "run"]
-
-
-def _plain(cfg) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
 
 
 def cal_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> CALSettings:
