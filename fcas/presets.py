@@ -16,6 +16,7 @@ class Preset:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     latent_shape: tuple[int, int, int]
+    decode_window: tuple[int, int, int] | None = None   # latent window of the VAE decode; None = whole
 
     @property
     def n_voxels(self) -> int:
@@ -30,4 +31,5 @@ def load_preset(name: str) -> Preset:
         shape=tuple(int(v) for v in d["shape"]),
         spacing=tuple(float(v) for v in d["spacing"]),
         latent_shape=tuple(int(v) for v in d["latent_shape"]),
+        decode_window=None if d.get("decode_window") is None else tuple(int(v) for v in d["decode_window"]),
     )

@@ -16,7 +16,15 @@ from fcas.models.checkpoint import (
     load_state_file,
     save_checkpoint,
 )
-from fcas.models.networks import ModelConfig, UNetConfig, VAEConfig, build_tcdm, build_vae, count_parameters
+from fcas.models.networks import (
+    ModelConfig,
+    UNetConfig,
+    VAEConfig,
+    build_tcdm,
+    build_vae,
+    count_parameters,
+    set_flash_attention,
+)
 from fcas.models.vae import MAISI_VAE, load_maisi_autoencoder, sliding_window_decode, vae_decode, vae_encode
 
 torch.set_num_threads(1)
@@ -218,3 +226,25 @@ def test_latest_checkpoint_skips_unfinished_folders(tmp_path):
     assert latest_checkpoint(str(tmp_path / "nothing")) is None
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         load_checkpoint(uri5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo"])
+def test_fused_attention_switch_keeps_weights_and_outputs(name):
+    cfg = model_cfg(name)
+    torch.manual_seed(0)
+    model = build_tcdm(cfg, 9).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output convs would hide any difference
+            p.add_(0.02 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    z_t, t, c_raw = torch.randn(1, 4, 8, 8, 8), torch.tensor([300]), torch.rand(1, 9, 32, 32, 32)
+    with torch.no_grad():
+        explicit = model(z_t, t, c_raw)
+        n = set_flash_attention(model, True)
+        fused = model(z_t, t, c_raw)
+    # the UNet's and the ControlNet's middle blocks always attend, plus two blocks per attention level each
+    assert n >= 2 + 2 * sum(cfg.unet.attention_levels)
+    assert explicit.abs().max() > 0
+    assert torch.allclose(fused, explicit, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set_flash_attention(model, False) == n

@@ -280,5 +280,22 @@ def build_tcdm(cfg: ModelConfig, cond_in_channels: int, init_controlnet_from_une
     return TCDM(unet, controlnet)
 
 
+def set_flash_attention(module: nn.Module, enabled: bool) -> int:
+    """Switch every MONAI attention block under ``module`` to PyTorch's fused ``scaled_dot_product_attention``
+    (``enabled``) or to the explicit softmax(QK^T)V path; returns how many blocks were switched.
+
+    Networks are built with the explicit path (it runs everywhere, and MONAI's CPU diffusion tests use
+    it); the fused path holds no (tokens x tokens) matrix, which matters on GPUs at the paper preset.
+    Parameters are the same either way, so checkpoints load into both."""
+    n = 0
+    for m in module.modules():
+        if isinstance(getattr(m, "use_flash_attention", None), bool):
+            if enabled and (getattr(m, "save_attn", False) or getattr(m, "rel_positional_embedding", None) is not None):
+                continue  # MONAI refuses these combinations with the fused path
+            m.use_flash_attention = bool(enabled)
+            n += 1
+    return n
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -69,7 +69,9 @@ def synthesis_job_from_cfg(cfg: DictConfig):
     sampler = SamplerSettings(
         steps=int(s.steps), scheduler=str(s.scheduler), eta=float(s.eta),
         ssv_mode=str(v.mode), ssv_every=int(v.every), ssv_collect=str(v.collect), ssv_quantile=float(v.quantile),
-        window=None if s.window is None else tuple(int(w) for w in s.window), device=str(s.device),
+        window=None if s.window is None else tuple(int(w) for w in s.window),
+        decode_window=None if s.decode_window is None else tuple(int(w) for w in s.decode_window),
+        device=str(s.device),
     )
     resources = Resources(
         sampler_actors=tuple(int(a) for a in r.sampler_actors), sampler_gpus=float(r.sampler_gpus),

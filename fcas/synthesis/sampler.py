@@ -45,6 +45,7 @@ class SamplerSettings:
     ssv_collect: str = "x0"          # x0 (default reading) | latent (the seed's literal Z_t)
     ssv_quantile: float = 0.999
     window: tuple[int, int, int] | None = None   # latent sliding window; None = whole latent
+    decode_window: tuple[int, int, int] | None = None   # latent window of the VAE decode; None = whole
     device: str = "auto"             # auto | cpu | cuda
 
     def __post_init__(self) -> None:
@@ -54,6 +55,10 @@ class SamplerSettings:
             raise ValueError(f"sampler.scheduler must be ddim, ddpm or rflow, got {self.scheduler!r}")
         if self.ssv_mode not in (*SSV_MODES, "off"):
             raise ValueError(f"ssv.mode must be one of {(*SSV_MODES, 'off')}, got {self.ssv_mode!r}")
+        for name in ("window", "decode_window"):
+            w = getattr(self, name)
+            if w is not None and (len(w) != 3 or any(int(v) < 1 for v in w)):
+                raise ValueError(f"sampler.{name} must be three positive latent sizes or null, got {w!r}")
         if self.ssv_mode != "off" and not 1 <= self.ssv_every < self.steps:
             raise ValueError(f"ssv.every must be in [1, sampler.steps) so SSV sees >= 2 steps, got "
                              f"{self.ssv_every} with {self.steps} steps")
@@ -111,13 +116,14 @@ class SamplerStage:
                      collect_every=0 if s.ssv_mode == "off" else s.ssv_every, collect=s.ssv_collect,
                      eta=s.eta, window=s.window)
         t1 = time.perf_counter()
-        unit = decode_latent(self.bundle.vae, res.latent, self.bundle.scale_factor)
+        unit = decode_latent(self.bundle.vae, res.latent, self.bundle.scale_factor, window=s.decode_window)
         t2 = time.perf_counter()
         if s.ssv_mode == "off":
             cm = torch.ones_like(unit)
         else:
             cm = ssv_confidence(res.intermediates, s.ssv_mode, out_shape=unit.shape[2:], vae=self.bundle.vae,
-                                scale_factor=self.bundle.scale_factor, quantile=s.ssv_quantile)
+                                scale_factor=self.bundle.scale_factor, decode_window=s.decode_window,
+                                quantile=s.ssv_quantile)
         t3 = time.perf_counter()
         image = unit_to_hu(unit)[0, 0].cpu().numpy()
         conf = cm[0, 0].cpu().numpy().astype(np.float32)
