@@ -13,9 +13,6 @@ Hand-written on matplotlib (Agg); MONAI's ``matshow3d`` draws montages without l
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import matplotlib
@@ -26,6 +23,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from fcas.io.storage import atomic_write_bytes  # noqa: E402
 from fcas.labels import LabelSchema, default_schema  # noqa: E402
 
 __all__ = ["CLASS_COLOURS", "triplanar_png", "grid_png", "orient_ras"]
@@ -118,17 +116,7 @@ def _finish(fig, path) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, data)
     return data
 
 

@@ -124,6 +124,15 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert os.listdir(target.parent) == ["f.bin"]
 
 
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    # mkstemp's temporaries are 0600; outputs must be readable like any file this process would create
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    storage.atomic_write_bytes(str(tmp_path / "atomic.bin"), b"x")
+    mode = (tmp_path / "atomic.bin").stat().st_mode & 0o777
+    assert mode == plain.stat().st_mode & 0o777 and mode & 0o044 == 0o044 & ~storage._UMASK
+
+
 def test_failed_atomic_write_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
     storage.atomic_write_bytes(str(target), b"old")

@@ -170,6 +170,15 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         raise IsADirectoryError(f"is a directory, not a file: {os.fspath(uri)}") from exc
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)   # the only way to read it is to set it: once, at import, not per write
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``uri`` so that readers see either the old file or the whole new one.
 
@@ -186,6 +195,7 @@ def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray | memoryv
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the mode a plain open() would
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
