@@ -32,7 +32,7 @@ weights: install
 	$(BIN)/python -m fcas.models.export outputs/weights/tcdm checkpoints/demo
 
 # Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md (estimated
-# ~70 min on 2 CPU cores; every stage is cached under outputs/reproduce-full/, so a rerun resumes).
+# ~80 min on 2 CPU cores (79.5 min measured from scratch); every stage is cached under outputs/reproduce-full/, so a rerun resumes).
 reproduce: install
 	$(BIN)/python jobs/reproduce.py
 
