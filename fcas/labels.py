@@ -18,26 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
-import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def read_config(group: str, name_or_path: str, what: str) -> dict:
-    """YAML of ``configs/<group>/<name>.yaml`` (a bare name) or of a path; ``what`` names it in errors."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / group / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        raise ValueError(f"unknown {what} {name_or_path!r} (no file {path}); known: {known}")
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
+from fcas.config_files import CONFIG_DIR, read_config  # noqa: F401  (re-exported from here too)
 
 CARDIAC_CLASSES = (
     "left_ventricle",

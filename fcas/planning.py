@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from fcas.labels import read_config
+from fcas.config_files import read_config
 from fcas.presets import load_preset
 
 __all__ = ["Figure", "HardwareProfile", "PlanRequest", "load_hardware", "make_plan", "format_plan"]

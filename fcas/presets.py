@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fcas.labels import read_config
+from fcas.config_files import read_config
 
 
 @dataclass(frozen=True)

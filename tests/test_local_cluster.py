@@ -10,7 +10,7 @@ where a plain ``ray.init()`` would find and join it), free ports for every compo
 started (the head's process tree, by pid).
 
 The job is a table entry: the synthesis job at the tiny preset by default (with the session's tiny
-checkpoint), ``FCAS_CLUSTER_TEST_JOB=prepare`` for the prepare job.
+checkpoint and template library), ``FCAS_CLUSTER_TEST_JOB=prepare`` for the prepare job.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ JOBS = {
         manifest="cases.parquet", rows=3, key="case_id"),
     "synthesize": ClusterJob(
         ("python", "jobs/synthesize.py", "preset=tiny", "n=4", "out={out}", "checkpoint={ckpt}",
-         "templates=phantom:2", "sampler.steps=3", "ssv.every=1", "progress=false"),
+         "templates={templates}", "sampler.steps=3", "ssv.every=1", "progress=false"),
         manifest="manifest", rows=4, key="sample_id"),
 }
 DEFAULT_JOB = "synthesize"
@@ -190,11 +190,11 @@ def _job_status(env: dict[str, str], submission_id: str, timeout: float) -> str:
         time.sleep(1)
 
 
-def test_local_sh_runs_a_job_through_ray_job_submit(local_cluster, tiny_checkpoint):
+def test_local_sh_runs_a_job_through_ray_job_submit(local_cluster, tiny_checkpoint, tiny_templates):
     job = JOBS[os.environ.get("FCAS_CLUSTER_TEST_JOB", DEFAULT_JOB)]
     env = local_cluster.env
     out = local_cluster.workdir / "out"  # absolute: the job runs in an uploaded copy of the repo
-    command = [part.format(out=out, ckpt=tiny_checkpoint) for part in job.command]
+    command = [part.format(out=out, ckpt=tiny_checkpoint, templates=tiny_templates) for part in job.command]
     tag = uuid.uuid4().hex[:8]
     job_id, probe_id = f"fcas-test-job-{tag}", f"fcas-test-probe-{tag}"
 

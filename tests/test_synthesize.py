@@ -1,7 +1,5 @@
 """The synthesis job end to end on local Ray at the tiny preset (real Ray Data, real checkpoint)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,23 +74,6 @@ def test_rerun_does_nothing_and_is_deterministic(run12, ray_local, tiny_checkpoi
         for k in ("image_uri", "label_uri", "confidence_uri"):
             a, b = nifti.read_nifti(r[k]).array, nifti.read_nifti(rows[r["sample_id"]][k]).array
             assert np.array_equal(a, b), (r["sample_id"], k)
-
-
-def test_cli_defaults_override(ray_local, tiny_checkpoint, tmp_path):
-    """The CLI with overrides, joined to the session's Ray (``ray.address``) as on a running cluster;
-    the no-address path (a local Ray started in-process) is what ``make demo`` runs."""
-    import ray
-
-    out = tmp_path / "cli"
-    proc = subprocess.run(
-        [sys.executable, "jobs/synthesize.py", "preset=tiny", "n=2", f"out={out}", f"checkpoint={tiny_checkpoint}",
-         "sampler.steps=3", "ssv.every=1", "templates=phantom:2", "progress=false",
-         f"ray.address={ray.get_runtime_context().gcs_address}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "synthesize: " in proc.stdout and "/2 samples" in proc.stdout
-    assert json.loads((out / "summary.json").read_text())["n_requested"] == 2
 
 
 def test_synthesis_to_s3(ray_local, tiny_checkpoint, tiny_templates, s3_uri):

@@ -9,8 +9,6 @@ import sys
 
 from omegaconf import DictConfig
 
-from fcas.pipeline.prepare import PrepareJob
-from fcas.prepare import PrepareSettings
 from fcas.security import CredentialsInConfigError, refuse_credentials
 
 
@@ -32,8 +30,14 @@ def check_job_config(cfg, job: str = "job") -> None:
         raise SystemExit(2) from None
 
 
-def prepare_job_from_cfg(cfg: DictConfig) -> PrepareJob:
+def prepare_job_from_cfg(cfg: DictConfig):
+    """``configs/prepare.yaml`` -> :class:`fcas.pipeline.prepare.PrepareJob` (imports are per job, so that a
+    light job such as ``plan`` does not pay for Ray and MONAI)."""
     check_job_config(cfg, "prepare")
+
+    from fcas.pipeline.prepare import PrepareJob
+    from fcas.prepare import PrepareSettings
+
     settings = PrepareSettings(
         shape=tuple(int(v) for v in cfg.preset.shape),
         spacing=tuple(float(v) for v in cfg.preset.spacing),
