@@ -25,28 +25,6 @@ def _settings(**kw):
     return PrepareSettings(shape=TINY.shape, spacing=TINY.spacing, **kw)
 
 
-def test_phantom_source_writes_cases_on_the_preset_grid(ray_local, tmp_path):
-    out = str(tmp_path / "cases")
-    job = PrepareJob(source="phantom:6", out=out, settings=_settings(),
-                     splits=(("train", 0.5), ("template", 0.2), ("reference", 0.2), ("test", 0.1)))
-    summary = run_prepare(job)
-    assert summary["written"] == 6 and summary["rejected"] == 0
-    table = pq.read_table(f"{out}/cases.parquet").to_pylist()
-    assert [r["case_id"] for r in table] == [f"phantom_{i:05d}" for i in range(6)]
-    assert sorted(r["split"] for r in table) == ["reference", "template", "test", "train", "train", "train"]
-    for row in table:
-        img, lab = nifti.read_nifti(row["image_uri"]), nifti.read_nifti(row["label_uri"])
-        assert img.array.dtype == np.int16 and lab.array.dtype == np.uint8
-        assert img.array.shape == lab.array.shape == TINY.shape == tuple(row["shape"])
-        assert np.allclose(img.spacing, TINY.spacing) and np.allclose(row["spacing"], TINY.spacing)
-        counts = dict(row["class_voxels"])
-        assert all(counts[n] > 0 for n in SCHEMA.cardiac), counts
-        assert counts["coronary_arteries"] == int((lab.array == 8).sum())
-    assert pq.read_table(f"{out}/rejects.parquet").num_rows == 0
-    assert json.loads(Path(out, "prepare_summary.json").read_text())["written"] == 6
-    assert Path(out, "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_directory_with_one_of_each_bad_kind(ray_local, tmp_path):
     kinds = write_corpus(tmp_path / "src", n_good=3)
     out = tmp_path / "out"
@@ -112,16 +90,31 @@ def test_bad_split_fractions_and_case_ids():
         safe_case_id("...")
 
 
-def test_cli_exits_zero_and_prints_the_summary(ray_local, tmp_path):
-    """The job joins the session's Ray (ray.address=...) like a job on a running cluster."""
+def test_cli_writes_phantom_cases_on_the_preset_grid(ray_local, tmp_path):
+    """``jobs/prepare.py`` with overrides, joined to the session's Ray (ray.address=...) like a job on a
+    running cluster: the summary line, the cases on the preset grid with their splits, the preview."""
     import ray
 
-    out = tmp_path / "cli"
+    out = tmp_path / "cases"
     proc = subprocess.run(
-        [sys.executable, "jobs/prepare.py", "source=phantom:3", f"out={out}", "preset=tiny",
+        [sys.executable, "jobs/prepare.py", "source=phantom:6", f"out={out}", "preset=tiny",
+         "splits.train=0.5", "splits.template=0.2", "splits.reference=0.2", "splits.test=0.1",
          f"ray.address={ray.get_runtime_context().gcs_address}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "prepare: 3 cases written, 0 rejected" in proc.stdout
-    assert pq.read_table(out / "cases.parquet").num_rows == 3
+    assert "prepare: 6 cases written, 0 rejected" in proc.stdout
+    table = pq.read_table(out / "cases.parquet").to_pylist()
+    assert [r["case_id"] for r in table] == [f"phantom_{i:05d}" for i in range(6)]
+    assert sorted(r["split"] for r in table) == ["reference", "template", "test", "train", "train", "train"]
+    for row in table:
+        img, lab = nifti.read_nifti(row["image_uri"]), nifti.read_nifti(row["label_uri"])
+        assert img.array.dtype == np.int16 and lab.array.dtype == np.uint8
+        assert img.array.shape == lab.array.shape == TINY.shape == tuple(row["shape"])
+        assert np.allclose(img.spacing, TINY.spacing) and np.allclose(row["spacing"], TINY.spacing)
+        counts = dict(row["class_voxels"])
+        assert all(counts[n] > 0 for n in SCHEMA.cardiac), counts
+        assert counts["coronary_arteries"] == int((lab.array == 8).sum())
+    assert pq.read_table(out / "rejects.parquet").num_rows == 0
+    assert json.loads((out / "prepare_summary.json").read_text())["written"] == 6
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
