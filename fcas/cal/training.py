@@ -38,7 +38,7 @@ from fcas.diffusion.training import build_settings
 from fcas.cal.net import SegNetConfig, build_segnet
 from fcas.io import storage
 from fcas.models.checkpoint import (checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
-                                    load_checkpoint, load_into, save_checkpoint)
+                                    load_checkpoint, load_into, no_report, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,6 @@ def crop_batch(batch: Mapping[str, Any], crop, rng: np.random.Generator) -> dict
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def _default_report(metrics: dict, checkpoint_uri: str | None = None) -> None:
-    return None
-
-
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
@@ -183,7 +179,7 @@ def train_cal_loop(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-    report: Callable[..., None] = _default_report,
+    report: Callable[..., None] = no_report,
     synthetic_batches: Callable[[int], Iterator[Mapping[str, Any]]] | None = None,
     finetune: FinetuneSet | None = None,
     progress: bool = True,

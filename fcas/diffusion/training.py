@@ -36,6 +36,7 @@ from fcas.models.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_into,
+    no_report,
     save_checkpoint,
 )
 from fcas.io import storage
@@ -146,10 +147,6 @@ class _UnconditionalUNet(torch.nn.Module):
         return self.unet(z_t, t)
 
 
-def _default_report(metrics: dict, checkpoint_uri: str | None = None) -> None:
-    return None
-
-
 def train_tcdm_loop(
     settings: TCDMSettings,
     *,
@@ -157,7 +154,7 @@ def train_tcdm_loop(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-    report: Callable[..., None] = _default_report,
+    report: Callable[..., None] = no_report,
     progress: bool = True,
     cases: CaseArrays | None = None,
 ) -> dict:

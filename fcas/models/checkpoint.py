@@ -28,6 +28,7 @@ from fcas.io import storage
 
 __all__ = [
     "Checkpoint",
+    "no_report",
     "config_hash",
     "save_checkpoint",
     "load_checkpoint",
@@ -217,3 +218,8 @@ def latest_checkpoint(root: str) -> str | None:
     """URI of the complete checkpoint with the highest step under ``root``, or None."""
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def no_report(metrics: dict, checkpoint_uri: str | None = None) -> None:
+    """The training loops' ``report`` when no Ray Train session is there to receive metrics and checkpoints."""
+    return None

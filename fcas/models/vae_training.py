@@ -25,6 +25,7 @@ from fcas.models.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_into,
+    no_report,
     save_checkpoint,
 )
 from fcas.models.networks import VAEConfig, build_vae
@@ -91,7 +92,7 @@ def train_vae_loop(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-    report: Callable[..., None] = lambda metrics, checkpoint_uri=None: None,
+    report: Callable[..., None] = no_report,
     progress: bool = True,
     cases: CaseArrays | None = None,
 ) -> dict:
