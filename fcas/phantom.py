@@ -579,8 +579,11 @@ def _validate(shape, spacing):
     return tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
 
 
-def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0)) -> PhantomCase:
+def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0), noise: bool = True) -> PhantomCase:
     """Draw phantom case ``seed`` on a ``shape`` grid with ``spacing`` mm (see the module docstring).
+
+    ``noise=False`` leaves out the final correlated noise (the last draw, so everything else is the
+    same case): the noise-free reference a denoising reconstruction is scored against.
 
     Returns image (X, Y, Z) int16 HU, label (X, Y, Z) uint8, RAS+ affine; same seed -> identical arrays.
     """
@@ -635,9 +638,10 @@ def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0)) -> Phantom
     img[use] = extra[use]
     sp = np.asarray(spacing)
     img = ndimage.gaussian_filter(img, np.sqrt(0.45 ** 2 + (hu["psf"] / sp) ** 2), mode="nearest")
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, np.maximum(0.7 / sp, 0.4), mode="wrap")
-    img += noise * (hu["noise"] / max(float(noise.std()), 1e-6))
+    if noise:
+        grain = rng.standard_normal(shape, dtype=np.float32)
+        grain = ndimage.gaussian_filter(grain, np.maximum(0.7 / sp, 0.4), mode="wrap")
+        img += grain * (hu["noise"] / max(float(grain.std()), 1e-6))
     image = np.clip(np.rint(img), HU_MIN, HU_MAX).astype(np.int16)
     info = dict(scale=g, apex_dir=heart.R[0].tolist(), hu={k: round(v, 1) for k, v in hu.items()},
                 fixed_voxels=fixed, spacing=spacing)

@@ -6,7 +6,9 @@ legend. Arrays are reoriented to RAS with nibabel from their affine, then shown 
 convention: axial with anterior up and the patient's right on the left, coronal and sagittal with
 superior up (sagittal: anterior on the left); pixels keep the physical aspect ratio.
 :func:`grid_png` stacks a few cases, one row each. Both return the PNG bytes and, given a path,
-write it atomically (temporary file, then ``os.replace``).
+write it atomically (temporary file, then ``os.replace``). :func:`sample_png` is the preview of a
+synthesized sample: the image alone, the image with its label overlay and the confidence map
+(rows), so that a reader sees what the image itself shows.
 
 Hand-written on matplotlib (Agg); MONAI's ``matshow3d`` draws montages without label overlays.
 """
@@ -26,7 +28,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from fcas.io.storage import atomic_write_bytes  # noqa: E402
 from fcas.labels import LabelSchema, default_schema  # noqa: E402
 
-__all__ = ["CLASS_COLOURS", "triplanar_png", "grid_png", "orient_ras"]
+__all__ = ["CLASS_COLOURS", "triplanar_png", "grid_png", "sample_png", "orient_ras"]
 
 # class id -> RGB (0..1), alpha; fixed so that every preview of the project reads the same
 CLASS_COLOURS: dict[int, tuple[tuple[float, float, float], float]] = {
@@ -69,13 +71,18 @@ def _rgb(img: np.ndarray, lab: np.ndarray, window: tuple[float, float]) -> np.nd
     return rgb
 
 
-def _views(image: np.ndarray, label: np.ndarray, affine, schema: LabelSchema):
-    """Three (rgb, aspect, name, corner letters) panels through the cardiac centre of mass."""
+def _views(image: np.ndarray, label: np.ndarray, affine, schema: LabelSchema, centre_label: np.ndarray | None = None):
+    """Three (rgb, aspect, name, corner letters) panels through the cardiac centre of mass
+    (of ``centre_label`` when given, so that other volumes can be cut through the same voxel)."""
     if image.ndim != 3 or image.shape != label.shape:
         raise ValueError(f"image and label must be 3D arrays of one shape, got {image.shape} and {label.shape}")
     aff = np.diag([1.0, 1.0, 1.0, 1.0]) if affine is None else affine
     img, lab, sp = orient_ras(aff, image, label)
-    card = np.isin(lab, schema.cardiac_ids)
+    if centre_label is not None:
+        lab_c = orient_ras(aff, centre_label)[0]
+    else:
+        lab_c = lab
+    card = np.isin(lab_c, schema.cardiac_ids)
     if card.any():
         c = np.rint(np.argwhere(card).mean(0)).astype(int)
     else:
@@ -89,9 +96,15 @@ def _views(image: np.ndarray, label: np.ndarray, affine, schema: LabelSchema):
     ]
 
 
-def _draw_row(axes, image, label, affine, schema, window, title=None):
-    for ax, (im, lb, aspect, name, (left, right, top, bottom)) in zip(axes, _views(image, label, affine, schema)):
-        ax.imshow(_rgb(im, lb, window), aspect=aspect, interpolation="nearest")
+def _draw_row(axes, image, label, affine, schema, window, title=None, centre_label=None, cmap=None):
+    """One row of three views; with ``cmap`` the image is drawn as a scalar map in ``window`` (min, max)
+    without an overlay (the confidence map)."""
+    views = _views(image, label, affine, schema, centre_label)
+    for ax, (im, lb, aspect, name, (left, right, top, bottom)) in zip(axes, views):
+        if cmap is None:
+            ax.imshow(_rgb(im, lb, window), aspect=aspect, interpolation="nearest")
+        else:
+            ax.imshow(im, aspect=aspect, interpolation="nearest", cmap=cmap, vmin=window[0], vmax=window[1])
         ax.set_title(name if title is None else f"{title} | {name}", fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
         kw = dict(color="w", fontsize=7, transform=ax.transAxes)
@@ -138,6 +151,37 @@ def triplanar_png(image_hu: np.ndarray, label: np.ndarray, path_or_None=None, ti
         ax.title.set_color("w")
     _legend(fig, schema, np.unique(label))
     fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.12, wspace=0.03)
+    return _finish(fig, path_or_None)
+
+
+def sample_png(image_hu: np.ndarray, label: np.ndarray, confidence: np.ndarray | None = None, path_or_None=None,
+               title: str | None = None, *, affine: np.ndarray | None = None, schema: LabelSchema | None = None,
+               window: tuple[float, float] = (800.0, 200.0), dpi: int = 100) -> bytes:
+    """Preview of one synthesized sample: rows image alone | image + label overlay | confidence map.
+
+    All rows cut the volume through the same voxel (the label's cardiac centre of mass). The
+    confidence row (``confidence`` in [0, 1], ``None`` leaves it out) is drawn in a perceptual colour
+    map (dark = low confidence). Returns the PNG bytes; writes them atomically when a path is given.
+    """
+    schema = schema or default_schema()
+    image, label = np.asarray(image_hu), np.asarray(label)
+    rows = [("image", image, np.zeros_like(label), window, None), ("label overlay", image, label, window, None)]
+    if confidence is not None:
+        conf = np.asarray(confidence, dtype=np.float32)
+        if conf.shape != image.shape:
+            raise ValueError(f"confidence map shape {conf.shape} differs from the image's {image.shape}")
+        rows.append(("confidence", conf, np.zeros_like(label), (0.0, 1.0), "magma"))
+    n = len(rows)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3.0 * n + 0.5), dpi=dpi, facecolor="black", squeeze=False)
+    for r, (name, vol, lab, win, cmap) in enumerate(rows):
+        _draw_row(axes[r], vol, lab, affine, schema, win, name, centre_label=label, cmap=cmap)
+        for ax in axes[r]:
+            ax.title.set_color("w")
+    if title:
+        fig.suptitle(title, color="w", fontsize=9)
+    _legend(fig, schema, np.unique(label))
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.7 / (3.0 * n + 0.5), bottom=0.45 / (3.0 * n + 0.5),
+                        wspace=0.03, hspace=0.12)
     return _finish(fig, path_or_None)
 
 

@@ -66,6 +66,7 @@ class ReproduceSettings:
     library: str | None = None                  # or an already prepared cases.parquet (template/reference splits)
     n_train: int = 20
     n_test: int = 10
+    n_val: int = 0                              # validation phantoms for early stopping (0: none)
     real_offset: int = 5000
     # Table 1
     checkpoint: str = "checkpoints/demo"
@@ -78,6 +79,8 @@ class ReproduceSettings:
     syn_steps: int = 10
     syn_seed: int = 0
     ssv_every: int = 2
+    ssv_mode: str = "latent"                    # latent | image (see benchmarks/ssv_auroc.py)
+    ssv_start: float = 0.0                      # fraction of the steps skipped before SSV collects
     sampler_actors: int = 1
     # segmentation
     segnet: Mapping[str, Any] = field(default_factory=dict)
@@ -88,6 +91,8 @@ class ReproduceSettings:
     lr: float = 1e-3
     finetune_lr: float = 5e-4
     augment: Mapping[str, Any] = field(default_factory=dict)
+    val_every: int = 0                          # fine-tuning steps between validations (0: fixed step counts)
+    patience: int = 0                           # validations without a better Dice before fine-tuning stops
     rdice_radius: int = 2
     threads: int = 2
     stop_after: str | None = None               # data | table1 | synthesis: stop there (the report shows what ran)
@@ -103,6 +108,8 @@ class ReproduceSettings:
             raise ValueError(f"stop_after must be null, data, table1, synthesis or seg, got {self.stop_after!r}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if self.val_every and self.n_val < 1:
+            raise ValueError(f"val_every={self.val_every} needs n_val >= 1 validation phantoms")
         if self.n_train < 1 or self.n_test < 2 or self.pairs < 2 or self.syn_n < 1 or self.library_n < 2:
             raise ValueError(f"need n_train >= 1, n_test >= 2, pairs >= 2, syn_n >= 1, library_n >= 2; got "
                              f"{self.n_train}, {self.n_test}, {self.pairs}, {self.syn_n}, {self.library_n}")
@@ -123,13 +130,21 @@ class ReproduceSettings:
     def test_source(self) -> str:
         return f"phantom:{self.n_test}@{self.real_offset + self.n_train}"
 
+    @property
+    def val_source(self) -> str | None:
+        """Validation phantoms: after the train, test and FID-floor seeds."""
+        if not self.n_val:
+            return None
+        return f"phantom:{self.n_val}@{self.real_offset + self.n_train + self.n_test + self.pairs}"
+
 
 @dataclass(frozen=True)
 class Runners:
     """The Ray jobs the reproduction calls (wired in by :mod:`fcas.pipeline.reproduce`).
 
     ``prepare(source, out, shape, spacing, splits, seed) -> summary dict`` (writes ``out/cases.parquet``);
-    ``synthesize(n, out, checkpoint, templates, run_seed, steps, ssv_every, shape, spacing, sampler_actors)
+    ``synthesize(n, out, checkpoint, templates, run_seed, steps, ssv_every, shape, spacing, sampler_actors,
+    ssv_mode, ssv_start)
     -> summary dict`` (a synthesis run under ``out``, resumable).
     """
 
@@ -225,7 +240,27 @@ def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
         out["features"] = r["features"]
     enc = lambda vols: torch.stack([feats(torch.as_tensor(v)[None, None])[0] for v in vols])  # noqa: E731
     out["fid_floor"] = fid(enc(targets), enc([floor_set.images[i, 0].numpy() for i in range(len(floor_set))]))
+    out["vae_reconstruction"] = vae_reconstruction(s.checkpoint, targets)
     return out
+
+
+def vae_reconstruction(checkpoint: str, targets) -> dict:
+    """SSIM / RMSE of the checkpoint's own VAE reconstructing ``targets`` (encode, decode): the ceiling
+    a sample decoded by that VAE can reach, reported beside the pair figures."""
+    from fcas.metrics.image import rmse, ssim
+    from fcas.models.bundle import load_tcdm
+    from fcas.models.vae import vae_decode, vae_encode
+
+    bundle = load_tcdm(checkpoint)
+    vae = bundle.vae.float()
+    ss, rs = [], []
+    with torch.no_grad():
+        for t in targets:
+            x = torch.as_tensor(t, dtype=torch.float32)[None, None]
+            r = vae_decode(vae, vae_encode(vae, x)).clamp(0, 1)[0, 0]
+            ss.append(ssim(r, x[0, 0]))
+            rs.append(rmse(r, x[0, 0]))
+    return {"ssim_mean": float(np.mean(ss)), "rmse_mean": float(np.mean(rs))}
 
 
 # ---- Tables 3 and 4: segmentation -----------------------------------------------------------
@@ -236,13 +271,17 @@ def _cal_settings(s: ReproduceSettings, arm: str, seed: int, syn: str | None, ou
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; use one of {ARMS}")
-    if arm == "real_only":   # the same number of gradient steps, all on the real cases, from scratch
+    if arm == "real_only" and s.val_every:   # from scratch until the validation Dice stops improving
+        train = {"pretrain_steps": 0, "finetune_steps": s.finetune_steps, "finetune_lr": s.lr}
+    elif arm == "real_only":   # the same number of gradient steps, all on the real cases, from scratch
         train = {"pretrain_steps": 0, "finetune_steps": s.pretrain_steps + s.finetune_steps, "finetune_lr": s.lr}
     else:
         train = {"pretrain_steps": s.pretrain_steps, "finetune_steps": s.finetune_steps, "loss": arm,
                  "finetune_lr": s.finetune_lr}
     train.update(batch_size=s.batch_size, lr=s.lr, seed=seed, crop=s.crop, keep_checkpoints=1,
                  checkpoint_every=max(1, s.pretrain_steps + s.finetune_steps))
+    if s.val_every:
+        train.update(val=s.val_source, val_every=s.val_every, patience=s.patience)
     return CALSettings.from_dict({"syn": syn if arm != "real_only" else None, "real": s.train_source, "real_split": None,
                                   "out": out, "shape": s.shape, "spacing": s.spacing, "preset": s.preset,
                                   "schema": s.schema, "net": dict(s.segnet), "augment": dict(s.augment), "train": train})
@@ -263,7 +302,7 @@ def train_and_evaluate_seg(s: ReproduceSettings, arm: str, seed: int, syn: str |
     out = storage.join(s.work, "seg", arm, f"seed{seed}")
     settings = _cal_settings(s, arm, seed, syn, out)
     summary = train_cal_loop(settings, finetune=train_set, progress=False)
-    net, config = load_segnet(summary["latest_checkpoint"])
+    net, config = load_segnet(summary.get("best_checkpoint") or summary["latest_checkpoint"])
     lut = class_lut(s.schema)
     to_schema = np.zeros(int(lut.max()) + 1, dtype=np.uint8)
     for sid, k in enumerate(lut):
@@ -278,7 +317,10 @@ def train_and_evaluate_seg(s: ReproduceSettings, arm: str, seed: int, syn: str |
     ev = segmentation_summary(rows, s.rdice_radius)
     ev.pop("per_case", None)
     curve = [{"step": r["step"], "stage": r["stage"], "loss": r["loss"]} for r in read_metrics(out)]
-    return {"arm": arm, "seed": seed, "train": summary, "eval": ev, "curve": curve}
+    val = [{"step": r["step"], "val_dice": r["val_dice"]} for r in summary.pop("validation", [])]
+    best = max(val, key=lambda r: r["val_dice"]) if val else None
+    return {"arm": arm, "seed": seed, "train": summary, "eval": ev, "curve": curve, "val_curve": val,
+            "best_step": best["step"] if best else None}
 
 
 # ---- orchestration --------------------------------------------------------------------------
@@ -324,7 +366,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         stages["synthesis"] = _stage(s.work, "synthesis", lambda: runners.synthesize(
             n=s.syn_n, out=syn_out, checkpoint=s.checkpoint, templates=stages["data"]["result"]["library"],
             run_seed=s.syn_seed, steps=s.syn_steps, ssv_every=s.ssv_every, shape=s.shape, spacing=s.spacing,
-            sampler_actors=s.sampler_actors))
+            sampler_actors=s.sampler_actors, ssv_mode=s.ssv_mode, ssv_start=s.ssv_start))
 
     def train_set():
         if "ft" not in cache:
@@ -437,6 +479,13 @@ def _plot_seg(s: ReproduceSettings, seg: dict, stages: Mapping[str, dict]) -> di
         if arm != "real_only":
             ax.axvline(s.pretrain_steps + 0.5, color="k", lw=0.6, ls="--")
         ax.set_title(f"{arm} (loss per step)", fontsize=9)
+        if s.val_every:
+            ax2 = ax.twinx()
+            for seed in s.seeds:
+                v = stages[f"seg_{arm}_seed{seed}"]["result"].get("val_curve") or []
+                ax2.plot([r["step"] for r in v], [r["val_dice"] for r in v], "o-", ms=2, lw=1.2)
+            ax2.set_ylim(0, 1)
+            ax2.set_ylabel("validation mean Dice (dots)", fontsize=8)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     plots["learning_curves.png"] = _png(fig)
@@ -464,6 +513,13 @@ def _table1_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str) -> tu
     for m, label in (("template", "template-guided (FCaS)"), ("mask_only", "mask-only (ablation)")):
         L.append(f"| {label} | {_pm(*_ms(t1[m]['ssim'])[:2])} | {_pm(*_ms(t1[m]['rmse'])[:2])} | "
                  f"{_pm(*_ms(t1[m]['fid'])[:2], 2)} |")
+    recon = [r.get("vae_reconstruction") for r in t1r]
+    if all(recon):
+        vs, vr = _ms([r["ssim_mean"] for r in recon]), _ms([r["rmse_mean"] for r in recon])
+        ts = _ms(t1["template"]["ssim"])
+        L.append(f"| VAE reconstruction of I_A (the ceiling) | {_pm(*vs[:2])} | {_pm(*vr[:2])} | – |")
+        L += ["", f"Gap of the template-guided samples to the VAE's own reconstruction: SSIM {vs[0] - ts[0]:+.3f} "
+              "(reconstruction minus sample)."]
     L += ["", "Per seed (template / mask-only): " + "; ".join(
         f"seed {r['seed']}: SSIM {r['template']['ssim_mean']:.3f} / {r['mask_only']['ssim_mean']:.3f}, "
         f"RMSE {r['template']['rmse_mean']:.3f} / {r['mask_only']['rmse_mean']:.3f}" for r in t1r) + ".",
@@ -485,14 +541,17 @@ def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary
     seg = {arm: _seg_stats(stages, arm, s.seeds, coronary) for arm in ARMS}
     syn = stages["synthesis"]["result"]
     n_syn = syn.get("n_written")
-    aug = "MONAI augmentation (flips, affine, intensity)" if s.augment.get("enabled", True) else "no augmentation"
+    aug = ("MONAI augmentation (affine, intensity, noise; no flips: a mirrored heart swaps left and right classes)"
+           if s.augment.get("enabled", True) else "no augmentation")
     L = h3 + [
         f"Segmentation net: MONAI DynUNet {dict(s.segnet) or '(default)'}, batch {s.batch_size}"
         f"{f' of random {s.crop} crops (inference: sliding window of that size)' if s.crop else ''}, {aug}, AdamW. "
-        f"**Real only**: the {s.n_train} real (phantom) cases, {s.pretrain_steps + s.finetune_steps} steps from scratch "
-        f"at lr {s.lr} (as many gradient steps as the pretrained arms). **Real + Syn**: pretrained {s.pretrain_steps} "
-        f"steps on the {n_syn} synthetic samples with the CAL loss (Eq. 9), then fine-tuned {s.finetune_steps} steps on "
-        f"the same {s.n_train} cases at lr {s.finetune_lr}. Test: {s.n_test} held-out phantoms ({s.test_source}). "
+        + (_stopping_md(s, stages) if s.val_every else
+           f"**Real only**: the {s.n_train} real (phantom) cases, {s.pretrain_steps + s.finetune_steps} steps from scratch "
+           f"at lr {s.lr} (as many gradient steps as the pretrained arms). **Real + Syn**: pretrained {s.pretrain_steps} "
+           f"steps on the {n_syn} synthetic samples with the CAL loss (Eq. 9), then fine-tuned {s.finetune_steps} steps on "
+           f"the same {s.n_train} cases at lr {s.finetune_lr}. ")
+        + f"Test: {s.n_test} held-out phantoms ({s.test_source}). "
         f"Substructures = the 7 non-coronary cardiac classes; RDice radius {s.rdice_radius} voxels.", "",
         "| training | Dice substructures ↑ | Dice coronary ↑ | mean Dice (8 classes) ↑ | mean RDice ↑ | RDice coronary ↑ |",
         "|---|---|---|---|---|---|"]
@@ -524,10 +583,27 @@ def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary
     return L, _plot_seg(s, seg, stages), V
 
 
+def _stopping_md(s: ReproduceSettings, stages: Mapping[str, dict]) -> str:
+    """The convergence criterion and where each arm stopped (early stopping on the validation split)."""
+    where = []
+    for arm in ARMS:
+        steps = [stages[f"seg_{arm}_seed{k}"]["result"].get("best_step") for k in s.seeds]
+        where.append(f"{arm} {', '.join('–' if v is None else str(v) for v in steps)}")
+    return (f"**Convergence criterion**: every arm fine-tunes on the {s.n_train} real (phantom) cases until the mean "
+            f"Dice on {s.n_val} validation phantoms ({s.val_source}), checked every {s.val_every} steps, has not "
+            f"improved for {s.patience} checks (at most {s.finetune_steps} fine-tuning steps); the checkpoint with the "
+            f"best validation Dice is the one tested. **Real only** starts from scratch at lr {s.lr}; **Real + Syn** "
+            f"is first pretrained {s.pretrain_steps} steps on the synthetic samples (CAL loss, Eq. 9, or the plain "
+            f"loss for Table 4), then fine-tuned at lr {s.finetune_lr}. Best checkpoint step per seed: "
+            + "; ".join(where) + ". ")
+
+
 def _convergence_note(s: ReproduceSettings, stages: Mapping[str, dict]) -> list[str]:
     """A Limits line saying how far from converged the real-only arm still was (from its loss curve)."""
     curves = [stages[f"seg_real_only_seed{k}"]["result"]["curve"] for k in s.seeds
               if f"seg_real_only_seed{k}" in stages]
+    if s.val_every:
+        return []
     if not curves or min(len(c) for c in curves) < 20:
         return []
     k = max(5, min(len(c) for c in curves) // 10)
@@ -590,14 +666,17 @@ def render_results(s: ReproduceSettings, stages: Mapping[str, dict], config: Map
           "data set); the real train/test phantoms use seeds the TCDM never saw.",
           "- FID uses the project's own VAE encoder on a few volumes (the real-vs-real floor is given beside it); "
           "LPIPS is not computed (no backbone weights).",
-          "- Real-only training gets as many gradient steps as pretraining + fine-tuning, not a convergence criterion.",
+          ("- Every arm trains to the early-stopping criterion above; the maximum step count caps it."
+           if s.val_every else
+           "- Real-only training gets as many gradient steps as pretraining + fine-tuning, not a convergence criterion."),
           *_convergence_note(s, stages), ""]
     syn = stages.get("synthesis", {}).get("result", {})
     L += ["## Configuration", "",
           f"- Synthesis: {syn.get('n_written', 'not run')} samples (`{s.checkpoint}`, DDIM {s.syn_steps} steps, SSV "
-          f"latent mode every {s.ssv_every} steps, run seed {s.syn_seed}, template library phantom:{s.library_n} = the "
+          f"{s.ssv_mode} mode every {s.ssv_every} steps from step {int(round(s.ssv_start * s.syn_steps))}, run seed {s.syn_seed}, template library phantom:{s.library_n} = the "
           "demo TCDM's own training phantoms 0..N-1, split 25 % template / 75 % reference); one run shared by every seed.",
-          f"- Real (phantom) data: train {s.train_source}, test {s.test_source} (phantom seeds the TCDM never saw).",
+          f"- Real (phantom) data: train {s.train_source}, test {s.test_source}"
+          f"{f', validation {s.val_source}' if s.val_source else ''} (phantom seeds the TCDM never saw).",
           "", "```", *(f"{k}: {json.dumps(json_safe(v))}" for k, v in (config or asdict(s)).items()), "```", "",
           "## Stage timings", "",
           "Wall seconds of each stage when it ran (a cached stage keeps the figure of the run that made it). "

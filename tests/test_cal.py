@@ -169,6 +169,27 @@ def test_loop_resume_is_bit_exact(syn12, tmp_path):
     assert [r["stage"] for r in read_metrics(str(tmp_path / "split"))] == ["pretrain"] * 3 + ["finetune"]
 
 
+def test_fine_tuning_stops_early_on_validation_and_keeps_the_best(tmp_path):
+    """lr 0: the validation Dice can never improve after the first check, so with patience 2 fine-tuning
+    stops at the third validation (step 6 of 12), out/best holds step 2, and a rerun trains nothing."""
+    from fcas.cal.training import BEST, VAL_FILE
+
+    s = _settings(None, tmp_path, 0, 12, finetune_lr=0.0, val="phantom:2@700", val_every=2, patience=2,
+                  checkpoint_every=100)
+    r = train_cal_loop(s, progress=False)
+    assert r["stopped_at"] == 6 and r["steps_run"] == 6
+    rows = read_metrics(str(tmp_path), VAL_FILE)
+    assert [v["step"] for v in rows] == [2, 4, 6] and [v["best"] for v in rows] == [True, False, False]
+    assert rows[0]["val_dice"] == rows[1]["val_dice"] == rows[2]["val_dice"]
+    assert 0.0 <= rows[0]["val_dice"] <= 1.0 and len(rows[0]["val_dice_per_class"]) == 8
+    assert load_checkpoint(str(tmp_path / BEST)).step == 2 and r["best_checkpoint"] == str(tmp_path / BEST)
+    assert latest_checkpoint(str(tmp_path)).endswith("step_000000006")
+    again = train_cal_loop(s, progress=False)
+    assert again["steps_run"] == 0 and again["stopped_at"] == 6
+    with pytest.raises(ValueError, match="val_every > 0 needs val"):
+        _settings(None, tmp_path, 0, 4, val_every=2)
+
+
 # ---- the Ray Train job ---------------------------------------------------------------------------
 
 

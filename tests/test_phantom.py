@@ -142,6 +142,29 @@ def test_check_topology_detects_broken_labels():
 
 
 # ---- previews ----------------------------------------------------------------------------------
+def test_noise_free_variant_is_the_same_case_without_its_noise():
+    from fcas.phantom import make_case
+
+    noisy, clean = make_case(3, (32, 32, 32), (4.0, 4.0, 4.0)), make_case(3, (32, 32, 32), (4.0, 4.0, 4.0), noise=False)
+    assert np.array_equal(noisy.label, clean.label) and noisy.info == clean.info
+    diff = noisy.image.astype(np.float32) - clean.image.astype(np.float32)
+    assert 15 < diff.std() < 40 and abs(diff.mean()) < 3   # the drawn 20-35 HU noise, nothing else
+
+
+def test_sample_preview_shows_image_overlay_and_confidence_rows(tmp_path):
+    from fcas.preview import sample_png
+
+    c = case(0)
+    conf = np.linspace(0, 1, c.image.size, dtype=np.float32).reshape(c.image.shape)
+    three = sample_png(c.image, c.label, conf, tmp_path / "s.png", title="sample 0", affine=c.affine)
+    two = sample_png(c.image, c.label, None)
+    assert three.startswith(PNG_MAGIC) and (tmp_path / "s.png").read_bytes() == three
+    h3, h2 = int.from_bytes(three[20:24], "big"), int.from_bytes(two[20:24], "big")  # PNG IHDR height
+    assert h3 > h2 * 1.3  # one more row of panels
+    with pytest.raises(ValueError, match="confidence map shape"):
+        sample_png(c.image, c.label, conf[:-1])
+
+
 def test_triplanar_png_is_a_png_and_written_atomically(tmp_path):
     c = case(0)
     out = tmp_path / "sub" / "p.png"

@@ -64,3 +64,14 @@ def test_needs_two_intermediates_and_a_valid_quantile():
         ssv_variance([torch.zeros(1)])
     with pytest.raises(ValueError, match="quantile"):
         normalize_variance(torch.zeros(1, 1, 2, 2, 2), quantile=0.0)
+
+
+def test_sampler_settings_count_the_late_window():
+    from fcas.synthesis.sampler import SamplerSettings
+
+    assert SamplerSettings(steps=10, ssv_every=1, ssv_start=0.5).ssv_steps() == [5, 6, 7, 8, 9]
+    assert SamplerSettings(steps=20, ssv_every=4).ssv_steps() == [0, 4, 8, 12, 16]
+    with pytest.raises(ValueError, match="collects 1 intermediates"):
+        SamplerSettings(steps=10, ssv_every=4, ssv_start=0.7)
+    with pytest.raises(ValueError, match="ssv.start"):
+        SamplerSettings(steps=10, ssv_start=1.0)

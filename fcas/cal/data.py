@@ -193,7 +193,9 @@ class AugmentConfig:
     """MONAI dictionary transforms on ``image``/``label``/``cm``; probabilities per sample."""
 
     enabled: bool = True
-    flip_prob: float = 0.5          # per axis (nnU-Net mirrors all axes)
+    flip_prob: float = 0.0          # per axis. Off: a mirrored heart swaps the left/right classes (LA/RA,
+                                    # LV/RV, aorta/PA), and nets trained with flips of all axes reached
+                                    # held-out Dice 0.19 where the same 300-750 steps without reach 0.60-0.88
     affine_prob: float = 0.3
     rotate_deg: float = 10.0        # +- per axis
     scale: float = 0.1              # +- relative

@@ -42,10 +42,13 @@ from fcas.models.checkpoint import (checkpoint_dir, config_hash, latest_checkpoi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALTrainConfig", "CALSettings", "train_cal_loop", "ARCH_KEYS", "METRICS_FILE", "read_metrics"]
+__all__ = ["CALTrainConfig", "CALSettings", "train_cal_loop", "validation_dice", "ARCH_KEYS", "METRICS_FILE",
+           "VAL_FILE", "BEST", "read_metrics"]
 
 ARCH_KEYS = ("net", "schema")
 METRICS_FILE = "metrics.jsonl"
+VAL_FILE = "val.jsonl"
+BEST = "best"
 STAGES = ("pretrain", "finetune")
 
 
@@ -66,12 +69,20 @@ class CALTrainConfig:
     grad_clip: float = 12.0        # nnU-Net's clip; 0 = off
     crop: tuple[int, int, int] | None = None   # random training window in voxels (None: whole volumes)
     amp: bool = True               # used only on CUDA
+    val: str | None = None         # labelled validation cases (phantom:N@OFFSET | cases.parquet 'val' rows)
+    val_every: int = 0             # fine-tuning steps between validations (0: no validation)
+    patience: int = 0              # stop fine-tuning after this many validations without a better
+                                   # mean Dice (0: run every step); the best one is kept in out/best
 
     def __post_init__(self) -> None:
         if self.crop is not None:
             object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
         if self.loss not in ("cal", "plain"):
             raise ValueError(f"unknown loss {self.loss!r}; use 'cal' or 'plain'")
+        if self.val_every < 0 or self.patience < 0:
+            raise ValueError(f"val_every and patience must be >= 0, got {self.val_every}, {self.patience}")
+        if self.val_every and not self.val:
+            raise ValueError("val_every > 0 needs val=<phantom:N@OFFSET | cases.parquet>")
         if self.pretrain_steps < 0 or self.finetune_steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 f"need pretrain_steps, finetune_steps >= 0, batch_size, checkpoint_every >= 1; got "
@@ -147,12 +158,38 @@ class CALSettings:
         return "pretrain" if step <= self.train.pretrain_steps else "finetune"
 
 
-def read_metrics(out: str) -> list[dict]:
-    """Rows of ``out/metrics.jsonl`` (empty if absent)."""
-    uri = storage.join(out, METRICS_FILE)
+def _read_jsonl(uri: str) -> list[dict]:
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def read_metrics(out: str, name: str = METRICS_FILE) -> list[dict]:
+    """Rows of ``out/metrics.jsonl`` (or ``out/val.jsonl`` with ``name=VAL_FILE``); empty if absent."""
+    return _read_jsonl(storage.join(out, name))
+
+
+@torch.no_grad()
+def validation_dice(net: torch.nn.Module, val: FinetuneSet, window, device, n_classes: int) -> dict[str, Any]:
+    """Mean Dice over the cardiac classes (and per class) of ``net`` on ``val`` (sliding window, MONAI
+    ``compute_dice``; a class absent from both prediction and label is skipped)."""
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    from fcas.cal.predict import predict_classes
+
+    was_training = net.training
+    net.eval()
+    k = n_classes
+    per = []
+    for i in range(len(val)):
+        pred = predict_classes(net, val.image[i:i + 1].to(device), window).cpu()
+        d = compute_dice(one_hot(pred, k), one_hot(val.label[i:i + 1].long(), k), include_background=False,
+                         ignore_empty=True)
+        per.append(d[0])
+    net.train(was_training)
+    per_class = torch.nanmean(torch.stack(per), dim=0)
+    return {"val_dice": float(torch.nanmean(per_class)), "val_dice_per_class": [float(v) for v in per_class]}
 
 
 def crop_batch(batch: Mapping[str, Any], crop, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -192,7 +229,7 @@ def train_cal_loop(
             or torch); called once, when pretraining starts. Default: the Ray-free reader of
             ``settings.syn``'s manifest.
         finetune: the labelled set; default: loaded from ``settings.real`` when fine-tuning starts.
-        report: ``report(metrics, checkpoint_uri=None)``, called every step on every rank.
+        report: ``report(metrics, checkpoint_uri=None, checkpoint_step=False)``, called every step on every rank.
 
     Returns:
         summary dict: ``start_step``, ``final_step``, ``steps_run``, ``last_loss``, ``seconds``,
@@ -231,15 +268,15 @@ def train_cal_loop(
             opt.load_state_dict(opt_sd)
         state.update(stage=stage, module=module, opt=opt)
 
-    def save(step: int) -> str:
+    def save(step: int, uri: str | None = None, prune: bool = True) -> str:
         if history:
             blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode()
             storage.atomic_write_bytes(storage.join(settings.out, METRICS_FILE), blob)
-        uri = checkpoint_dir(settings.out, step)
+        uri = uri or checkpoint_dir(settings.out, step)
         config = {**settings.to_dict(), "stage": state["stage"], "window": list(settings.window), "config_hash": config_hash(settings.to_dict())}
         save_checkpoint(uri, config=config, step=step,
                         state_dicts={"net": _unwrap(state["module"]).state_dict(), "optimizer": state["opt"].state_dict()})
-        if tc.keep_checkpoints > 0:
+        if prune and tc.keep_checkpoints > 0:
             for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
                 storage.remove(old, recursive=True, missing_ok=True)
         return uri
@@ -258,13 +295,54 @@ def train_cal_loop(
                 raise ValueError(f"fine-tune set {settings.real!r} is empty")
         return state["finetune"].batch(tc.batch_size, np.random.default_rng([tc.seed, step, rank, 1]))
 
+    # validation / early stopping (fine-tuning stage; rank 0 validates, every rank learns the decision). The criterion
+    # is early stopping: fine-tuning ends after `patience` validations without a better mean Dice.
+    val_rows = [r for r in _read_jsonl(storage.join(settings.out, VAL_FILE)) if int(r["step"]) <= start_step]
+    val_state = {"set": None}
+
+    def patience_used() -> int:
+        since = 0
+        for r in reversed(val_rows):
+            if r["best"]:
+                break
+            since += 1
+        return since
+
+    def validate(step: int) -> bool:
+        """Validate at ``step``; True when fine-tuning should stop (patience exhausted)."""
+        stop = False
+        if rank == 0:
+            if val_state["set"] is None:
+                val_state["set"] = load_finetune_set(tc.val, settings.shape, settings.spacing, "val", settings.schema)
+            scores = validation_dice(_unwrap(state["module"]), val_state["set"], settings.window, device,
+                                     settings.net.out_channels)
+            best = max((r["val_dice"] for r in val_rows), default=-1.0)
+            improved = scores["val_dice"] > best
+            val_rows.append({"step": step, **scores, "best": improved})
+            blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in val_rows).encode()
+            if improved:
+                save(step, storage.join(settings.out, BEST), prune=False)
+            storage.atomic_write_bytes(storage.join(settings.out, VAL_FILE), blob)
+            stop = bool(tc.patience) and patience_used() >= tc.patience
+            log.info("pretrain_cal step %d: validation mean Dice %.4f (best %.4f)%s", step, scores["val_dice"],
+                     max(best, scores["val_dice"]), " -> converged, stopping" if stop else "")
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            torch.distributed.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
+
     bar = None
     if progress and rank == 0 and start_step < total:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start_step, desc="pretrain_cal", unit="step", dynamic_ncols=True)
     t_start, steps_done, last_loss = time.perf_counter(), 0, float("nan")
-    for step in range(start_step + 1, total + 1):
+    stopped_at = None
+    end = total
+    if tc.val_every and tc.patience and val_rows and patience_used() >= tc.patience:
+        stopped_at = end = start_step  # this run already converged: nothing left to train
+    for step in range(start_step + 1, end + 1):
         stage = settings.stage_of(step)
         if stage != state["stage"]:
             resume_opt = opt_state if (state["stage"] is None and stage_at_ckpt == stage) else None
@@ -300,20 +378,31 @@ def train_cal_loop(
                "cm_mean": float(batch["cm"].mean()) if cm is not None else 1.0}
         if rank == 0:
             history.append(row)
-        ck_uri = None
-        if rank == 0 and (step % tc.checkpoint_every == 0 or step == total or step == tc.pretrain_steps):
-            ck_uri = save(step)
-        report({**row, "samples_per_s": tc.batch_size * world_size / dt}, checkpoint_uri=ck_uri)
+        ft_step = step - tc.pretrain_steps
+        stop = False
+        if stage == "finetune" and tc.val_every and (ft_step % tc.val_every == 0 or step == total):
+            stop = validate(step)
+        is_ck = step % tc.checkpoint_every == 0 or step == total or step == tc.pretrain_steps or stop
+        ck_uri = save(step) if rank == 0 and is_ck else None
+        report({**row, "samples_per_s": tc.batch_size * world_size / dt}, checkpoint_uri=ck_uri,
+               checkpoint_step=is_ck)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(stage=stage, loss=f"{last_loss:.4f}")
+        if stop:
+            stopped_at = step
+            break
     if bar is not None:
         bar.close()
     return {
         "start_step": start_step,
-        "final_step": max(start_step, total),
+        "final_step": stopped_at if stopped_at is not None else max(start_step, total),
         "steps_run": steps_done,
         "last_loss": last_loss,
         "seconds": time.perf_counter() - t_start,
         "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
+        "best_checkpoint": (storage.join(settings.out, BEST) if rank == 0 and tc.val_every
+                            and storage.exists(storage.join(settings.out, BEST, "checkpoint.json")) else None),
+        "stopped_at": stopped_at,
+        "validation": val_rows,
     }

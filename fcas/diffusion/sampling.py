@@ -60,6 +60,7 @@ def sample(
     *,
     scheduler_config: SchedulerConfig | None = None,
     collect: str = "x0",
+    collect_from: float = 0.0,
     eta: float = 0.0,
     cache_condition: bool = True,
     window: Sequence[int] | None = None,
@@ -80,6 +81,9 @@ def sample(
         collect_every: k > 0 collects the intermediate at step indices 0, k, 2k, ... (SSV); 0 none.
         collect: 'x0' (predicted clean latent, the default reading of SSV) or 'latent' (noisy Z_t after
             the step, the seed's literal wording).
+        collect_from: fraction of the reverse steps skipped before collecting: with ``s0 =
+            round(collect_from * steps)`` the step indices ``s0, s0 + k, ...`` are collected (0: from
+            the first step; 0.5: the late, low-noise half only).
         eta: DDIM stochasticity (0 = deterministic DDIM).
         cache_condition: embed the condition once (True) or inside every step (False; for benchmarks).
         window: latent window size for sliding-window denoising; None = whole latent at once.
@@ -98,6 +102,9 @@ def sample(
         raise ValueError(f"condition must be (B, C, D, H, W) with D, H, W divisible by 4, got {tuple(condition.shape)}")
     if collect_every < 0:
         raise ValueError(f"collect_every must be >= 0, got {collect_every}")
+    if not 0.0 <= collect_from < 1.0:
+        raise ValueError(f"collect_from must be in [0, 1), got {collect_from}")
+    first = int(round(collect_from * steps))
     sch = build_sampling_scheduler(sched_cfg, scheduler, steps)
     if clip_x0 == "auto":
         clip_x0 = ((getattr(models, "config", None) or {}).get("sampling") or {}).get("clip_x0")
@@ -143,7 +150,7 @@ def sample(
             z, x0 = sch.step(pred, int(t), z, eta=eta, generator=generator)
         else:
             z, x0 = sch.step(pred, int(t), z, generator=generator)
-        if collect_every and i % collect_every == 0:
+        if collect_every and i >= first and (i - first) % collect_every == 0:
             out.intermediates.append((x0 if collect == "x0" else z).clone())
             out.timesteps.append(int(t))
             out.step_indices.append(i)

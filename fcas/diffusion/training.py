@@ -160,7 +160,7 @@ def train_tcdm_loop(
 ) -> dict:
     """Run (or resume) training up to ``settings.train.steps``; returns a summary dict.
 
-    ``report(metrics, checkpoint_uri=None)`` is called every step on every rank (Ray Train needs
+    ``report(metrics, checkpoint_uri=None, checkpoint_step=False)`` is called every step on every rank (Ray Train needs
     all ranks to report). Checkpoints go to ``settings.out/step_XXXXXXXXX``.
     """
     tc = settings.train
@@ -303,12 +303,11 @@ def train_tcdm_loop(
         history["step"].append(float(step))
         history["loss"].append(last_loss)
         steps_done += 1
-        ck_uri = None
-        if rank == 0 and (step % tc.checkpoint_every == 0 or step == tc.steps):
-            ck_uri = save(step)
+        is_ck = step % tc.checkpoint_every == 0 or step == tc.steps
+        ck_uri = save(step) if rank == 0 and is_ck else None
         metrics = {"step": step, "loss": last_loss, "stage": state["stage"], "step_time_s": dt,
                    "samples_per_s": samples_per_step / dt, **parts}
-        report(metrics, checkpoint_uri=ck_uri)
+        report(metrics, checkpoint_uri=ck_uri, checkpoint_step=is_ck)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{samples_per_step / dt:.2f}")

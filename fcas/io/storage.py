@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "get_fs",
     "s3_storage_options",
     "is_local",
+    "absolute",
     "join",
     "exists",
     "isdir",
@@ -57,6 +59,23 @@ def is_local(uri: str | os.PathLike) -> bool:
     """True for a plain path or a ``file://`` URI."""
     protocol = _protocol(os.fspath(uri))
     return protocol is None or protocol in _LOCAL_PROTOCOLS
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def absolute(uri: str | os.PathLike | None) -> str | None:
+    """A relative local path made absolute against the current directory; URIs (``s3://``,
+    ``file://``) and sources such as ``phantom:N`` / ``maisi:<file>`` unchanged.
+
+    Ray Train workers run in their own working directory, so jobs resolve paths on the driver.
+    """
+    if uri is None:
+        return None
+    uri = os.fspath(uri)
+    if _SCHEME.match(uri) or os.path.isabs(uri):
+        return uri
+    return os.path.abspath(uri)
 
 
 def s3_storage_options() -> dict[str, Any]:

@@ -220,6 +220,6 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def no_report(metrics: dict, checkpoint_uri: str | None = None) -> None:
+def no_report(metrics: dict, checkpoint_uri: str | None = None, checkpoint_step: bool = False) -> None:
     """The training loops' ``report`` when no Ray Train session is there to receive metrics and checkpoints."""
     return None

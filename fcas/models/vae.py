@@ -7,7 +7,10 @@
   ``SlidingWindowInferer`` with overlapping, Gaussian-blended windows (the output grid is 4x / 1/4 the
   input's; MONAI's inferer handles the zoom), for volumes that do not fit at once.
 * :func:`load_maisi_autoencoder` -- MAISI's released autoencoder weights from a user-given path.
-* :func:`vae_loss` -- L1 reconstruction + KL (the training objective of ``jobs/train_vae.py``).
+* :func:`vae_loss` / :func:`reconstruction_loss` -- the training objective of ``jobs/train_vae.py``:
+  L1 + ``ssim_weight`` * (1 - SSIM) (MONAI ``SSIMLoss``, the 7-voxel Gaussian window of the project's
+  SSIM metric) + ``kl_weight`` * KL. The adversarial term (MONAI ``PatchDiscriminator``) is added by
+  the training loop (:mod:`fcas.models.vae_training`). Hand-written: the weighted sum and the KL.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ __all__ = [
     "sliding_window_encode",
     "load_maisi_autoencoder",
     "vae_loss",
+    "reconstruction_loss",
+    "kl_divergence",
     "compute_scale_factor",
 ]
 
@@ -112,13 +117,49 @@ def load_maisi_autoencoder(uri: str, cfg: VAEConfig = MAISI_VAE) -> nn.Module:
     return vae
 
 
-def vae_loss(vae: nn.Module, image: torch.Tensor, kl_weight: float = 1e-6) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 reconstruction + ``kl_weight`` * KL(q(z|x) || N(0, 1)) for ``image (B, 1, D, H, W)``."""
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, 1)) summed over latent voxels, averaged over the batch."""
+    return 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1).flatten(1).sum(1).mean()
+
+
+_SSIM_LOSSES: dict[int, nn.Module] = {}
+
+
+def reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, ssim_weight: float = 0.0
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + ``ssim_weight`` * (1 - SSIM) of ``recon`` vs ``image`` ``(B, 1, D, H, W)`` in [0, 1].
+
+    The SSIM term (MONAI ``SSIMLoss``, data range 1, 7-voxel Gaussian window as
+    :func:`fcas.metrics.image.ssim`) rewards local structure that L1 alone smooths away.
+    """
+    recon, image = recon.float(), image.float()
+    l1 = F.l1_loss(recon, image)
+    parts = {"l1": float(l1.detach())}
+    loss = l1
+    if ssim_weight > 0:
+        dims = image.ndim - 2
+        if dims not in _SSIM_LOSSES:
+            from monai.losses import SSIMLoss
+
+            _SSIM_LOSSES[dims] = SSIMLoss(spatial_dims=dims, data_range=1.0, win_size=7, kernel_sigma=1.5)
+        s = _SSIM_LOSSES[dims](recon, image)
+        parts["ssim_loss"] = float(s.detach())
+        loss = loss + ssim_weight * s
+    return loss, parts
+
+
+def vae_loss(vae: nn.Module, image: torch.Tensor, kl_weight: float = 1e-6, ssim_weight: float = 0.0,
+             return_recon: bool = False):
+    """Reconstruction loss (:func:`reconstruction_loss`) + ``kl_weight`` * KL for ``image (B, 1, D, H, W)``.
+
+    Returns ``(loss, parts)``, or ``(loss, parts, recon)`` with ``return_recon`` (for the adversarial term).
+    """
     recon, z_mu, z_sigma = vae(image)
-    l1 = F.l1_loss(recon.float(), image.float())
-    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1).flatten(1).sum(1).mean()
-    loss = l1 + kl_weight * kl
-    return loss, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+    loss, parts = reconstruction_loss(recon, image, ssim_weight)
+    kl = kl_divergence(z_mu, z_sigma)
+    loss = loss + kl_weight * kl
+    parts["kl"] = float(kl.detach())
+    return (loss, parts, recon) if return_recon else (loss, parts)
 
 
 @torch.no_grad()

@@ -1,9 +1,14 @@
 """Training loop of the KL autoencoder (plain PyTorch; Ray Train wiring in :mod:`fcas.pipeline.train_vae`).
 
-L1 reconstruction + a small KL term (:func:`fcas.models.vae.vae_loss`), AdamW, random crops keyed by
-``rng([seed, step, rank])``; rank 0 writes checkpoint folders (``config.json`` with the latent
-``scale_factor``, ``vae.pt``, ``optimizer.pt``) every ``checkpoint_every`` steps and a restart resumes
-from the latest. Hand-written loop; the network and blending are MONAI's.
+The recipe follows what works for 3D CT autoencoders (MAISI): L1 + ``ssim_weight`` * (1 - SSIM) +
+a small KL term (:func:`fcas.models.vae.vae_loss`), optionally a patch adversarial term (MONAI
+``PatchDiscriminator`` + least-squares ``PatchAdversarialLoss``) switched on after ``adv_start``
+warm-up steps; AdamW with a linear warm-up and a cosine decay to ``lr_min``. Every step draws its
+random crops, flips and intensity jitter from ``rng([seed, step, rank])``, so a resumed run sees the
+same data as an uninterrupted one. Rank 0 writes checkpoint folders (``config.json`` with the latent
+``scale_factor``, ``vae.pt``, ``optimizer.pt``, the discriminator when used, ``history.pt`` with the
+loss and the held-out ``val_ssim`` / ``val_psnr`` curves of ``val_data``) every ``checkpoint_every``
+steps; a restart resumes from the latest. Hand-written loop and schedule; networks and losses are MONAI's.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from fcas.diffusion.data import CaseArrays, crop_slices, load_cases
 from fcas.diffusion.pairs import step_rng
@@ -29,11 +35,11 @@ from fcas.models.checkpoint import (
     save_checkpoint,
 )
 from fcas.models.networks import VAEConfig, build_vae
-from fcas.models.vae import compute_scale_factor, vae_loss
+from fcas.models.vae import compute_scale_factor, vae_loss, vae_decode, vae_encode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VAETrainConfig", "VAESettings", "train_vae_loop"]
+__all__ = ["VAETrainConfig", "VAESettings", "train_vae_loop", "lr_at", "augment_crop", "reconstruction_scores"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,18 @@ class VAETrainConfig:
     batch_size: int = 2
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "constant"      # constant | cosine (decay to lr_min at `steps`)
+    warmup_steps: int = 0           # linear warm-up from 0 to lr
+    lr_min: float = 0.0
     crop: tuple[int, int, int] | None = None
     kl_weight: float = 1e-6
+    ssim_weight: float = 0.0        # weight of 1 - SSIM next to L1
+    adv_weight: float = 0.0         # patch adversarial term (0: off)
+    adv_start: int = 0              # steps of warm-up before the adversarial term starts
+    disc_lr: float = 1e-4
+    augment: bool = False           # random flips of every axis per crop
+    intensity_jitter: bool = False  # and intensity scale/shift per crop
+    val_data: str | None = None     # held-out cases scored (SSIM / PSNR) at every checkpoint
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -54,6 +70,50 @@ class VAETrainConfig:
             object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(f"bad VAE train settings steps={self.steps} batch_size={self.batch_size}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown VAE lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
+        if self.warmup_steps < 0 or self.adv_start < 0 or min(self.ssim_weight, self.adv_weight, self.kl_weight) < 0:
+            raise ValueError("VAE warmup_steps, adv_start and the loss weights must be >= 0")
+
+
+def lr_at(tc: VAETrainConfig, step: int) -> float:
+    """Learning rate of ``step`` (1-based): linear warm-up, then constant or cosine to ``lr_min``."""
+    if tc.warmup_steps and step <= tc.warmup_steps:
+        return tc.lr * step / tc.warmup_steps
+    if tc.schedule == "constant":
+        return tc.lr
+    span = max(1, tc.steps - tc.warmup_steps)
+    frac = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * frac))
+
+
+def augment_crop(x: torch.Tensor, rng, intensity: bool = False) -> torch.Tensor:
+    """Flip each spatial axis with p = 0.5; with ``intensity`` also x * U(0.9, 1.1) + U(-0.05, 0.05), clipped.
+
+    ``x``: ``(1, D, H, W)`` in [0, 1]. A VAE must reconstruct any orientation and contrast it is
+    given, so these only widen what it learns (unlike segmentation, where flips swap left/right).
+    """
+    flips = [a + 1 for a in range(3) if rng.random() < 0.5]
+    if flips:
+        x = torch.flip(x, dims=flips)
+    if not intensity:
+        return x
+    scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
+    return (x * float(scale) + float(shift)).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def reconstruction_scores(vae: torch.nn.Module, images: torch.Tensor, device) -> dict[str, float]:
+    """Mean SSIM (the project's metric) and PSNR (dB, data range 1) of whole-volume reconstructions."""
+    from fcas.metrics.image import ssim
+
+    ss, ps = [], []
+    for img in images:
+        x = img[None].to(device)
+        r = vae_decode(vae, vae_encode(vae, x)).clamp(0, 1)
+        ss.append(float(ssim(r[0, 0].cpu(), x[0, 0].cpu())))
+        ps.append(float(10 * torch.log10(1.0 / F.mse_loss(r, x).clamp_min(1e-12))))
+    return {"val_ssim": sum(ss) / len(ss), "val_psnr": sum(ps) / len(ps)}
 
 
 @dataclass(frozen=True)
@@ -85,6 +145,13 @@ class VAESettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def _discriminator():
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1,
+                              norm="INSTANCE")
+
+
 def train_vae_loop(
     settings: VAESettings,
     *,
@@ -95,14 +162,19 @@ def train_vae_loop(
     report: Callable[..., None] = no_report,
     progress: bool = True,
     cases: CaseArrays | None = None,
+    val_cases: CaseArrays | None = None,
 ) -> dict:
     tc = settings.train
     device = torch.device(device)
     if cases is None:
         cases = load_cases(settings.data, settings.shape, settings.spacing, split="train")
+    if val_cases is None and tc.val_data and rank == 0:
+        val_cases = load_cases(tc.val_data, settings.shape, settings.spacing, split="val")
     torch.manual_seed(tc.seed)
     vae = build_vae(settings.vae).to(device)
-    opt_sd, start, history = None, 0, {"step": [], "loss": []}
+    disc = _discriminator().to(device) if tc.adv_weight > 0 else None
+    opt_sd, disc_sd, disc_opt_sd, start = None, None, None, 0
+    history: dict[str, list[float]] = {"step": [], "loss": []}
     latest = latest_checkpoint(settings.out)
     if latest is not None:
         ck = load_checkpoint(latest)
@@ -111,25 +183,46 @@ def train_vae_loop(
             raise ValueError(f"checkpoint {latest} holds a different VAE architecture; use another out=")
         load_into(vae, ck.state_dict("vae"), storage.join(latest, "vae.pt"))
         opt_sd, start = ck.state_dict("optimizer"), ck.step
+        if disc is not None and "discriminator" in ck.files:
+            load_into(disc, ck.state_dict("discriminator"), storage.join(latest, "discriminator.pt"))
+            disc_opt_sd = ck.state_dict("disc_optimizer")
         if "history" in ck.files:
             history = {k: [float(x) for x in v.tolist()] for k, v in ck.state_dict("history").items()}
     module = wrap_model(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     if opt_sd is not None:
         opt.load_state_dict(opt_sd)
+    disc_module = disc_opt = adv_loss = None
+    if disc is not None:
+        from monai.losses import PatchAdversarialLoss
+
+        disc_module = wrap_model(disc)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr)
+        if disc_opt_sd is not None:
+            disc_opt.load_state_dict(disc_opt_sd)
+        adv_loss = PatchAdversarialLoss(criterion="least_squares")
 
     def save(step: int) -> str:
         vae.eval()
         k = min(tc.scale_factor_cases, len(cases))
         sf = compute_scale_factor(vae, cases.images[:k].to(device))
+        if val_cases is not None:
+            scores = reconstruction_scores(vae, val_cases.images, device)
+            history.setdefault("val_step", []).append(float(step))
+            for key, v in scores.items():
+                history.setdefault(key, []).append(v)
+            log.info("train_vae step %d: held-out SSIM %.4f PSNR %.2f dB", step, scores["val_ssim"],
+                     scores["val_psnr"])
         vae.train()
         vae_dict = {k2: list(v) if isinstance(v, tuple) else v for k2, v in asdict(settings.vae).items()}
         config = {**settings.to_dict(), "model": {"name": settings.model_name, "vae": vae_dict},
                   "scale_factor": sf, "config_hash": config_hash(settings.to_dict())}
         uri = checkpoint_dir(settings.out, step)
-        save_checkpoint(uri, config=config, step=step, state_dicts={
-            "vae": vae.state_dict(), "optimizer": opt.state_dict(),
-            "history": {k2: torch.tensor(v, dtype=torch.float64) for k2, v in history.items()}})
+        states = {"vae": vae.state_dict(), "optimizer": opt.state_dict(),
+                  "history": {k2: torch.tensor(v, dtype=torch.float64) for k2, v in history.items()}}
+        if disc is not None:
+            states.update(discriminator=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
+        save_checkpoint(uri, config=config, step=step, state_dicts=states)
         if tc.keep_checkpoints > 0:
             for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
                 storage.remove(old, recursive=True, missing_ok=True)
@@ -147,11 +240,33 @@ def train_vae_loop(
         rng = step_rng(tc.seed, step, rank)
         idx = rng.integers(0, len(cases), size=tc.batch_size)
         crops = [cases.images[i][(slice(None), *crop_slices(cases.shape, tc.crop, rng))] for i in idx]
+        if tc.augment:
+            crops = [augment_crop(c, rng, tc.intensity_jitter) for c in crops]
         x = torch.stack(crops).to(device)
-        loss, parts = vae_loss(module, x, tc.kl_weight)
+        lr = lr_at(tc, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        use_adv = disc is not None and step > tc.adv_start
+        loss, parts, recon = vae_loss(module, x, tc.kl_weight, tc.ssim_weight, return_recon=True)
+        if use_adv:
+            disc.requires_grad_(False)  # the generator's term: gradients reach the VAE only
+            g_adv = adv_loss(disc(recon.float())[-1], target_is_real=True, for_discriminator=False)
+            disc.requires_grad_(True)
+            loss = loss + tc.adv_weight * g_adv
+            parts["adv_g"] = float(g_adv.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if use_adv:
+            # real and fake in one forward (one DDP forward per backward); instance norm keeps them apart
+            logits = disc_module(torch.cat([recon.detach().float(), x.float()]))[-1]
+            n = x.shape[0]
+            d_loss = 0.5 * (adv_loss(logits[:n], target_is_real=False, for_discriminator=True)
+                            + adv_loss(logits[n:], target_is_real=True, for_discriminator=True))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            parts["adv_d"] = float(d_loss.detach())
         last = float(loss.detach())
         if not math.isfinite(last):
             raise FloatingPointError(f"VAE loss is {last} at step {step}")
@@ -159,9 +274,11 @@ def train_vae_loop(
         history["loss"].append(last)
         done += 1
         dt = time.perf_counter() - t0
-        ck_uri = save(step) if rank == 0 and (step % tc.checkpoint_every == 0 or step == tc.steps) else None
-        report({"step": step, "loss": last, "step_time_s": dt,
-                "samples_per_s": tc.batch_size * world_size / dt, **parts}, checkpoint_uri=ck_uri)
+        is_ck = step % tc.checkpoint_every == 0 or step == tc.steps
+        ck_uri = save(step) if rank == 0 and is_ck else None
+        report({"step": step, "loss": last, "lr": lr, "step_time_s": dt,
+                "samples_per_s": tc.batch_size * world_size / dt, **parts}, checkpoint_uri=ck_uri,
+               checkpoint_step=is_ck)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{last:.4f}")

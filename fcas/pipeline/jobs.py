@@ -73,6 +73,7 @@ def synthesis_job_from_cfg(cfg: DictConfig):
     sampler = SamplerSettings(
         steps=int(s.steps), scheduler=str(s.scheduler), eta=float(s.eta),
         ssv_mode=str(v.mode), ssv_every=int(v.every), ssv_collect=str(v.collect), ssv_quantile=float(v.quantile),
+        ssv_start=float(v.get("start", 0.0)),
         window=None if s.window is None else tuple(int(w) for w in s.window),
         decode_window=None if s.decode_window is None else tuple(int(w) for w in s.decode_window),
         device=str(s.device),

@@ -136,7 +136,14 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     from fcas.cal.training import read_metrics
     from fcas.models.checkpoint import latest_checkpoint, load_checkpoint
 
+    from dataclasses import replace
+
+    from fcas.io.storage import absolute
+
     settings = cal_settings_from_cfg(cfg)
+    # Ray Train workers run in their own directory: resolve relative paths here, on the driver
+    settings = replace(settings, syn=absolute(settings.syn), real=absolute(settings.real),
+                       out=absolute(settings.out), train=replace(settings.train, val=absolute(settings.train.val)))
     c = _plain(cfg)
     tr, dc = c.get("trainer") or {}, c.get("data") or {}
     fit_cal(

@@ -41,12 +41,20 @@ def _vae_worker(config: dict) -> None:
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     from fcas.models.checkpoint import latest_checkpoint
 
+    from dataclasses import replace
+
+    from fcas.io.storage import absolute
+
     settings = vae_settings_from_cfg(cfg)
+    # Ray Train workers run in their own directory: resolve relative paths here, on the driver
+    settings = replace(settings, data=absolute(settings.data), out=absolute(settings.out),
+                       train=replace(settings.train, val_data=absolute(settings.train.val_data)))
     tr = _plain(cfg).get("trainer") or {}
     result = fit(_vae_worker, {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True))},
                  name=f"vae-{settings.preset}", num_workers=int(tr.get("num_workers", 2)),
                  use_gpu=bool(tr.get("use_gpu", False)), address=tr.get("address"),
-                 storage_path=tr.get("storage_path"), max_failures=int(tr.get("max_failures", 0)))
+                 storage_path=tr.get("storage_path"), max_failures=int(tr.get("max_failures", 0)),
+                 cpus_per_worker=float(tr.get("cpus_per_worker", 1.0)))
     summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest_checkpoint(settings.out),
                "out": settings.out}
     log.info("train_vae: %s", summary)

@@ -44,6 +44,7 @@ class SamplerSettings:
     ssv_every: int = 4               # k: collect x̂0 at steps 0, k, 2k, ...
     ssv_collect: str = "x0"          # x0 (default reading) | latent (the seed's literal Z_t)
     ssv_quantile: float = 0.999
+    ssv_start: float = 0.0           # fraction of the steps skipped before collecting (0.5: late half)
     window: tuple[int, int, int] | None = None   # latent sliding window; None = whole latent
     decode_window: tuple[int, int, int] | None = None   # latent window of the VAE decode; None = whole
     device: str = "auto"             # auto | cpu | cuda
@@ -59,9 +60,17 @@ class SamplerSettings:
             w = getattr(self, name)
             if w is not None and (len(w) != 3 or any(int(v) < 1 for v in w)):
                 raise ValueError(f"sampler.{name} must be three positive latent sizes or null, got {w!r}")
-        if self.ssv_mode != "off" and not 1 <= self.ssv_every < self.steps:
-            raise ValueError(f"ssv.every must be in [1, sampler.steps) so SSV sees >= 2 steps, got "
-                             f"{self.ssv_every} with {self.steps} steps")
+        if not 0.0 <= self.ssv_start < 1.0:
+            raise ValueError(f"ssv.start must be in [0, 1), got {self.ssv_start}")
+        if self.ssv_mode != "off" and (self.ssv_every < 1 or len(self.ssv_steps()) < 2):
+            raise ValueError(f"ssv.every={self.ssv_every} with ssv.start={self.ssv_start} and {self.steps} "
+                             f"steps collects {len(self.ssv_steps()) if self.ssv_every >= 1 else 0} "
+                             "intermediates; SSV needs >= 2 (lower ssv.every or ssv.start, or raise sampler.steps)")
+
+    def ssv_steps(self) -> list[int]:
+        """Reverse-step indices whose intermediate SSV collects."""
+        first = int(round(self.ssv_start * self.steps))
+        return list(range(first, self.steps, self.ssv_every))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -114,7 +123,7 @@ class SamplerStage:
         t0 = time.perf_counter()
         res = sample(self.bundle, c_raw, gen, s.steps, s.scheduler,
                      collect_every=0 if s.ssv_mode == "off" else s.ssv_every, collect=s.ssv_collect,
-                     eta=s.eta, window=s.window)
+                     collect_from=s.ssv_start, eta=s.eta, window=s.window)
         t1 = time.perf_counter()
         unit = decode_latent(self.bundle.vae, res.latent, self.bundle.scale_factor, window=s.decode_window)
         t2 = time.perf_counter()

@@ -48,12 +48,12 @@ class WriterStage:
         self.config_hash = config_hash
         self.preview = preview
 
-    def _preview(self, image, label, affine, sample_id) -> bytes | None:
+    def _preview(self, image, label, conf, affine, sample_id) -> bytes | None:
         if not self.preview:
             return None
-        from fcas.preview import triplanar_png
+        from fcas.preview import sample_png
 
-        return triplanar_png(image, label, None, title=f"sample {sample_id}", affine=affine)
+        return sample_png(image, label, conf, None, title=f"sample {sample_id}", affine=affine)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, rejects, status = [], [], []
@@ -74,7 +74,7 @@ class WriterStage:
                 write_sample(self.out, sid, image, label, conf, affine, None)
                 raise InjectedFault(f"injected writer failure for sample {sid} after its files were written")
             uris = write_sample(self.out, sid, image, label, conf, affine,
-                                self._preview(image, label, affine, sid))
+                                self._preview(image, label, conf, affine, sid))
             timings = {k: float(batch[k][i]) for k in _TIMING_KEYS if k in batch}
             timings["write_s"] = time.perf_counter() - t0
             rows.append({
