@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
             disagree = pred != np.where(cardiac[lab] > 0, lab, 0)
         for v in variants:
             collect, space, every, start, q = v
-            idx = list(range(int(round(start * a.steps)), a.steps, every))
+            idx = list(range(int(start * a.steps), a.steps, every))
             if len(idx) < 2:
                 continue
             cm = confidence([traj[collect][j] for j in idx], space, q, img.shape[2:],

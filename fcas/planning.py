@@ -147,6 +147,7 @@ class PlanRequest:
     steps: int = 20
     ssv_mode: str = "latent"             # latent | image | off
     ssv_every: int = 4
+    ssv_start: float = 0.0               # fraction of the steps skipped before SSV collects
     preview: bool = True
     prices: Mapping[str, Any] = field(default_factory=dict)   # overrides of the profile's prices
 
@@ -175,7 +176,7 @@ def make_plan(req: PlanRequest, hw: HardwareProfile | None = None) -> dict:
     out: dict[str, Figure] = {}
     dm = req.steps * lat * f["dm_s_per_step_per_latent_mvox"].value
     dec = mvox * f["decode_s_per_mvox"].value
-    n_inter = len(range(0, req.steps, req.ssv_every))
+    n_inter = len(range(int(req.ssv_start * req.steps), req.steps, req.ssv_every))
     ssv = {"off": 0.0, "latent": mvox * f["ssv_latent_s_per_mvox"].value, "image": n_inter * dec}[req.ssv_mode]
     sampler_s = dm + dec + ssv
     out["sampler_s_per_sample"] = _d(sampler_s, "s", f"steps*latent_Mvox*dm ({dm:.3g}) + Mvox*decode ({dec:.3g}) + "

@@ -673,7 +673,7 @@ def render_results(s: ReproduceSettings, stages: Mapping[str, dict], config: Map
     syn = stages.get("synthesis", {}).get("result", {})
     L += ["## Configuration", "",
           f"- Synthesis: {syn.get('n_written', 'not run')} samples (`{s.checkpoint}`, DDIM {s.syn_steps} steps, SSV "
-          f"{s.ssv_mode} mode every {s.ssv_every} steps from step {int(round(s.ssv_start * s.syn_steps))}, run seed {s.syn_seed}, template library phantom:{s.library_n} = the "
+          f"{s.ssv_mode} mode every {s.ssv_every} steps from step {int(s.ssv_start * s.syn_steps)}, run seed {s.syn_seed}, template library phantom:{s.library_n} = the "
           "demo TCDM's own training phantoms 0..N-1, split 25 % template / 75 % reference); one run shared by every seed.",
           f"- Real (phantom) data: train {s.train_source}, test {s.test_source}"
           f"{f', validation {s.val_source}' if s.val_source else ''} (phantom seeds the TCDM never saw).",

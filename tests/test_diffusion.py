@@ -201,7 +201,7 @@ def test_ddim_sampling_is_deterministic_collects_every_kth_x0_and_caching_is_exa
     # the last DDIM step lands on its own x0 prediction (alpha_prev = 1)
     r5 = sample(model, c, torch.Generator().manual_seed(5), steps=5, collect_every=1)
     assert torch.allclose(r5.intermediates[-1], r5.latent, atol=1e-5)
-    # SSV's late window: the same trajectory, collected from step round(0.5 * 6) = 3 on
+    # SSV late window: the same trajectory, collected from step floor(0.5 * 6) = 3 on
     late = sample(model, c, torch.Generator().manual_seed(5), steps=6, collect_every=1, collect_from=0.5)
     assert late.step_indices == [3, 4, 5] and torch.equal(late.latent, r1.latent)
     assert torch.equal(late.intermediates[1], x0s[2])   # step 4 in both collections

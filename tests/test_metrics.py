@@ -220,10 +220,10 @@ def demo_features():
 
 def test_vae_encoder_features_name_the_network_and_fid_on_volumes(demo_features):
     assert "checkpoints/demo" in demo_features.description and "digest" in demo_features.description
-    assert demo_features.dim == 16 + 32 + 32
+    assert demo_features.dim == 16 + 32 + 64
     imgs = torch.from_numpy(np.stack([_image(s, (16, 16, 16)) for s in range(4)]))[:, None]
     f = demo_features(imgs)
-    assert f.shape == (4, 80) and f.dtype == torch.float64
+    assert f.shape == (4, 112) and f.dtype == torch.float64
     assert fid(f, f) == pytest.approx(0.0, abs=1e-6)
     shifted = [fid(demo_features((imgs * 0.5 + s).clamp(0, 1)), f) for s in (0.25, 0.35, 0.5)]
     assert 0 < shifted[0] < shifted[1] < shifted[2]

@@ -82,7 +82,7 @@ def sample(
         collect: 'x0' (predicted clean latent, the default reading of SSV) or 'latent' (noisy Z_t after
             the step, the seed's literal wording).
         collect_from: fraction of the reverse steps skipped before collecting: with ``s0 =
-            round(collect_from * steps)`` the step indices ``s0, s0 + k, ...`` are collected (0: from
+            floor(collect_from * steps)`` the step indices ``s0, s0 + k, ...`` are collected (0: from
             the first step; 0.5: the late, low-noise half only).
         eta: DDIM stochasticity (0 = deterministic DDIM).
         cache_condition: embed the condition once (True) or inside every step (False; for benchmarks).
@@ -104,7 +104,7 @@ def sample(
         raise ValueError(f"collect_every must be >= 0, got {collect_every}")
     if not 0.0 <= collect_from < 1.0:
         raise ValueError(f"collect_from must be in [0, 1), got {collect_from}")
-    first = int(round(collect_from * steps))
+    first = int(collect_from * steps)
     sch = build_sampling_scheduler(sched_cfg, scheduler, steps)
     if clip_x0 == "auto":
         clip_x0 = ((getattr(models, "config", None) or {}).get("sampling") or {}).get("clip_x0")

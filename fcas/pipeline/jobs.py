@@ -107,5 +107,6 @@ def plan_request_from_cfg(cfg: DictConfig):
     return PlanRequest(n=int(cfg.n), preset=str(cfg.preset.name), hardware=str(cfg.gpu),
                        sampler_nodes=int(cfg.sampler_nodes), cpu_worker_cores=int(cfg.cpu_worker_cores),
                        steps=int(cfg.sampler.steps), ssv_mode=str(cfg.ssv.mode), ssv_every=int(cfg.ssv.every),
+                       ssv_start=float(cfg.ssv.get("start", 0.0)),
                        preview=bool(cfg.preview),
                        prices={k: v for k, v in (OmegaConf.to_container(cfg.prices) or {}).items() if v is not None})

@@ -69,7 +69,7 @@ class SamplerSettings:
 
     def ssv_steps(self) -> list[int]:
         """Reverse-step indices whose intermediate SSV collects."""
-        first = int(round(self.ssv_start * self.steps))
+        first = int(self.ssv_start * self.steps)
         return list(range(first, self.steps, self.ssv_every))
 
     def to_json(self) -> str:
