@@ -26,11 +26,11 @@ test: install
 
 # Rebuild both bundled demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from
 # outputs/weights/): the VAE (L1 + 0.2 SSIM + KL, cosine lr, 6000 steps of 32^3 crops), then the
-# template-guided TCDM and the mask-only ablation at the same budget, one after the other.
+# template-guided TCDM and the mask-only ablation at the same budget (cosine lr, EMA weights), one after the other.
 VAE_STEPS  ?= 6000
-TCDM_STEPS ?= 2000
+TCDM_STEPS ?= 3500
 TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae train.steps=$(TCDM_STEPS) \
-              train.lr=3e-4 train.checkpoint_every=250 train.keep_checkpoints=2 trainer.num_workers=1 \
+              train.lr=3e-4 train.schedule=cosine train.warmup_steps=200 train.ema_decay=0.998 train.checkpoint_every=250 train.keep_checkpoints=2 trainer.num_workers=1 \
               trainer.cpus_per_worker=2 trainer.progress=false
 weights: install
 	$(BIN)/python jobs/train_vae.py preset=demo model=demo data=phantom:64 out=outputs/weights/vae \

@@ -1,20 +1,28 @@
-"""MGM speed: our mgm_deform vs a literal scipy Eq. 6 vs MONAI Rand3DElastic, side by side.
+"""MGM speed like for like: ours vs a literal scipy Eq. 6, MONAI Rand3DElastic and TorchIO, one run.
 
-    python benchmarks/mgm.py                 # 128^3 phantom (8 cardiac classes), 2 threads, median of 5
-    python benchmarks/mgm.py --size 64 --reps 7
+    python benchmarks/mgm.py                 # 128^3 and 256x256x128 phantoms, 1 thread, median of 3
+    python benchmarks/mgm.py --shapes 64,64,64 --reps 5 --threads 2
     python benchmarks/mgm.py --study         # closing variants + QC on phantom:20 at 64^3 (module docstring numbers)
+    python benchmarks/mgm.py --json benchmarks/results/mgm_like_for_like.json
 
-Timed on the same mask and (for ours and the literal) the same parameters:
+Every method gets the same mask (8 cardiac classes of a phantom over a 128 mm field of view), the
+same thread count (``--threads``, default 1 because scipy's warp is single-threaded: torch, our
+gather and TorchIO/SimpleITK all get that many) and the **same closing**: the paper's max-pool
+(``maximum_filter(size=2)`` per class) and the union by priority.
 
-* ``ours``     -- :func:`fcas.deform.mgm_deform` with closing (the default) and with the paper's max-pool;
-* ``literal``  -- :func:`literal_mgm` below: per class ``scipy.ndimage.map_coordinates(order=0)`` +
+* ``ours``    -- :func:`fcas.deform.mgm_deform(closing="maxpool", overlap="priority")`;
+* ``literal`` -- :func:`literal_mgm` below: per class ``scipy.ndimage.map_coordinates(order=0)`` +
   ``maximum_filter(size=2)`` + union by priority, on a full-resolution coordinate field (exact
   per-voxel affine + the same control-grid displacement upsampled with ``scipy.ndimage.zoom``);
-* ``monai``    -- ``monai.transforms.Rand3DElastic(mode="nearest")`` on the label map, no closing;
-  ``sigma_range=(5, 8)`` voxels (MONAI's documented example; a larger sigma would only slow it down).
+* ``monai``   -- ``monai.transforms.Rand3DElastic(mode="nearest")`` of the label map, then the same
+  per-class max-pool closing + union (:func:`close_union`);
+* ``torchio`` -- ``tio.Compose([RandomAffine, RandomElasticDeformation])`` of a ``LabelMap``
+  (nearest), then :func:`close_union` (skipped when TorchIO is not installed: ``pip install .[bench]``).
 
-Threads: torch and our gather get ``--threads`` (2); scipy is single-threaded. Prints Mvox/s of each,
-the ratios, the agreement of ours (max-pool) with the literal, and last ``mgm_speedup_vs_literal=<x>``.
+The warp-only times (no closing) are printed beside them. Headline: Mvox/s of each and the ratios
+of ours to each at equal threads and equal closing. Last, the distance to a memory-bandwidth bound
+on this machine: a warp must at least read the source label and write the output label (2 bytes a
+voxel); ``np.copyto`` of 1 GiB measures the bandwidth; bound / ours is printed.
 """
 from __future__ import annotations
 
@@ -86,20 +94,29 @@ def literal_mgm(mask: np.ndarray, coords: np.ndarray, schema: LabelSchema | None
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-def phantom_mask(size: int, seeds=range(10)) -> tuple[np.ndarray, tuple[float, float, float], str]:
-    """An 8-class cardiac phantom mask at ``size``^3 over a 128 mm field of view."""
+def phantom_mask(shape, seeds=range(10)) -> tuple[np.ndarray, tuple[float, float, float], str]:
+    """An 8-class cardiac phantom mask on ``shape`` over a 128 mm field of view."""
     from fcas.phantom import make_case
 
-    spacing = (128.0 / size,) * 3
+    shape = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
+    spacing = tuple(128.0 / n for n in shape)
     schema = default_schema()
     for seed in seeds:
         try:
-            case = make_case(seed, (size,) * 3, spacing)
+            case = make_case(seed, shape, spacing)
         except Exception as e:  # a phantom seed that does not build: try the next
             print(f"# phantom seed {seed} failed ({type(e).__name__}: {e}); trying the next", file=sys.stderr)
             continue
         return schema.cardiac_only(case.label), spacing, f"phantom seed {seed}"
     raise RuntimeError("no phantom seed built")
+
+
+def close_union(label: np.ndarray, schema: LabelSchema | None = None) -> np.ndarray:
+    """The literal closing step on an already warped label map: per class max-pool(2), union by priority."""
+    schema = schema or default_schema()
+    closed = {int(c): ndi.maximum_filter((label == c).astype(np.uint8), size=2, mode="constant", cval=0)
+              for c in np.flatnonzero(np.bincount(label.ravel(), minlength=256)[1:]) + 1}
+    return schema.union(closed, label.shape)
 
 
 def timeit(fn, reps: int) -> tuple[float, object]:
@@ -119,30 +136,36 @@ def load_note() -> str:
         return "loadavg n/a"
 
 
+def bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 3) -> float:
+    """Copy bandwidth (read + write bytes per second) of ``np.copyto`` over ``n_bytes``."""
+    a = np.ones(n_bytes, np.uint8)
+    b = np.empty_like(a)
+    t, _ = timeit(lambda: np.copyto(b, a), reps)
+    return 2 * n_bytes / t / 1e9
+
+
 # ---- speed ----------------------------------------------------------------------------------------
-def speed(args) -> float:
+def speed_at(shape, args) -> dict:
     import torch
     from monai.transforms import Rand3DElastic
 
     from fcas.deform import mgm_deform
 
     torch.set_num_threads(args.threads)
-    mask, spacing, what = phantom_mask(args.size)
+    mask, spacing, what = phantom_mask(shape)
     nvox = mask.size
     params = draw_params(MGMRanges(), param_rng(0, 0, 0))
-    print(f"# MGM benchmark: {what}, {mask.shape} @ {spacing[0]:g} mm, {len(np.unique(mask)) - 1} classes, "
-          f"{args.threads} threads, median of {args.reps}; {load_note()}")
-    print(f"# params: {params.to_flat()}")
-
-    t_ours, out_ours = timeit(lambda: mgm_deform(mask, spacing, params, closing="closing", num_threads=args.threads), args.reps)
-    t_ours_mp, out_mp = timeit(lambda: mgm_deform(mask, spacing, params, closing="maxpool", overlap="priority",
-                                                  num_threads=args.threads), args.reps)
-    t_ours_1, _ = timeit(lambda: mgm_deform(mask, spacing, params, closing="closing", num_threads=1), args.reps)
-
-    def literal():
-        return literal_mgm(mask, literal_coordinates(params, mask.shape, spacing), closing="maxpool")
-
-    t_lit, out_lit = timeit(literal, args.reps)
+    print(f"\n# {what}, {mask.shape} @ {'x'.join(f'{s:g}' for s in spacing)} mm, {len(np.unique(mask)) - 1} classes, "
+          f"{args.threads} thread(s), median of {args.reps}; {load_note()}")
+    t = {}
+    t["ours"], out_ours = timeit(lambda: mgm_deform(mask, spacing, params, closing="maxpool", overlap="priority",
+                                                     num_threads=args.threads), args.reps)
+    t["ours, no closing"], _ = timeit(lambda: mgm_deform(mask, spacing, params, closing="none", overlap="priority",
+                                                          num_threads=args.threads), args.reps)
+    coords = literal_coordinates(params, mask.shape, spacing)
+    t["literal"], out_lit = timeit(lambda: literal_mgm(mask, literal_coordinates(params, mask.shape, spacing),
+                                                       closing="maxpool"), args.reps)
+    t["literal, no closing"], _ = timeit(lambda: literal_mgm(mask, coords, closing="none"), args.reps)
 
     elastic = Rand3DElastic(sigma_range=(5, 8), magnitude_range=(0, 3), prob=1.0,
                             rotate_range=(math.radians(12),) * 3, shear_range=(0.04,) * 3,
@@ -150,25 +173,56 @@ def speed(args) -> float:
                             mode="nearest", padding_mode="zeros")
     elastic.set_random_state(0)
     x = torch.from_numpy(mask[None].astype(np.float32))
-    t_monai, _ = timeit(lambda: elastic(x), args.reps)
+    warp_monai = lambda: elastic(x)[0].numpy().astype(np.uint8)  # noqa: E731
+    t["monai, no closing"], _ = timeit(warp_monai, args.reps)
+    t["monai"], _ = timeit(lambda: close_union(warp_monai()), args.reps)
+    try:
+        import torchio as tio
 
-    affine_only = MGMParams(**{**params.to_flat(), "alpha_mm": 0.0})
-    lit_aff = literal_mgm(mask, literal_coordinates(affine_only, mask.shape, spacing), closing="maxpool")
-    ours_aff = mgm_deform(mask, spacing, affine_only, closing="maxpool", overlap="priority")
-    agree_aff = float((ours_aff == lit_aff).mean()) * 100
+        tr = tio.Compose([tio.RandomAffine(scales=0.08, degrees=12, translation=4, image_interpolation="nearest"),
+                          tio.RandomElasticDeformation(num_control_points=7, max_displacement=3 * spacing[0])])
+        subj = tio.Subject(label=tio.LabelMap(tensor=torch.from_numpy(mask[None].astype(np.int16)),
+                                              affine=np.diag([*spacing, 1.0])))
+        torch.manual_seed(0)
+        warp_tio = lambda: tr(subj)["label"].data[0].numpy().astype(np.uint8)  # noqa: E731
+        t["torchio, no closing"], _ = timeit(warp_tio, args.reps)
+        t["torchio"], _ = timeit(lambda: close_union(warp_tio()), args.reps)
+    except ImportError:
+        print("# torchio not installed: skipped (pip install .[bench])")
+    agree = float((out_ours == out_lit).mean()) * 100
+    mv = {k: nvox / v / 1e6 for k, v in t.items()}
+    for k in t:
+        print(f"  {k:22s} {t[k] * 1e3:9.1f} ms  {mv[k]:8.2f} Mvox/s")
+    ratios = {k: t[k] / t["ours"] for k in ("literal", "monai", "torchio") if k in t}
+    ratios_warp = {k: t[f"{k}, no closing"] / t["ours, no closing"] for k in ("literal", "monai", "torchio")
+                   if f"{k}, no closing" in t}
+    print(f"  ours == literal on {agree:.4f}% of voxels")
+    print("  ours vs (same threads, same max-pool closing): " + ", ".join(f"{k} {r:.1f}x" for k, r in ratios.items()))
+    print("  warp alone:                                     " + ", ".join(f"{k} {r:.1f}x" for k, r in ratios_warp.items()))
+    return {"shape": list(mask.shape), "spacing": list(spacing), "threads": args.threads, "reps": args.reps,
+            "seconds": t, "mvox_per_s": mv, "ratio_vs_ours": ratios, "ratio_vs_ours_warp_only": ratios_warp,
+            "agreement_with_literal_pct": agree}
 
-    mv = lambda t: nvox / t / 1e6  # noqa: E731
-    agree = float((out_mp == out_lit).mean()) * 100
-    print(f"ours (closing+keep, {args.threads} thr){t_ours * 1e3:9.1f} ms  {mv(t_ours):7.2f} Mvox/s")
-    print(f"ours (maxpool+prio, {args.threads} thr){t_ours_mp * 1e3:9.1f} ms  {mv(t_ours_mp):7.2f} Mvox/s")
-    print(f"ours (closing+keep, 1 thr){t_ours_1 * 1e3:9.1f} ms  {mv(t_ours_1):7.2f} Mvox/s")
-    print(f"literal scipy (maxpool) {t_lit * 1e3:9.1f} ms  {mv(t_lit):7.2f} Mvox/s")
-    print(f"monai Rand3DElastic     {t_monai * 1e3:9.1f} ms  {mv(t_monai):7.2f} Mvox/s")
-    print(f"ours(maxpool+prio) == literal on {agree:.4f}% of voxels; affine-only (alpha=0): {agree_aff:.4f}%")
-    print(f"speedup ours(closing) vs monai: {t_monai / t_ours:.1f}x; ours(maxpool) vs literal: {t_lit / t_ours_mp:.1f}x")
-    speedup = t_lit / t_ours
-    print(f"mgm_speedup_vs_literal={speedup:.1f}")
-    return speedup
+
+def speed(args) -> dict:
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    res = [speed_at(sh, args) for sh in shapes]
+    bw = bandwidth_gbs()
+    big = res[-1]
+    bound = bw * 1e9 / 2 / 1e6   # Mvox/s if a voxel cost only its 2 bytes of traffic
+    print(f"\nmemory bandwidth (np.copyto, read + write): {bw:.1f} GB/s -> bound {bound:.0f} Mvox/s at 2 B a voxel; "
+          f"ours at {tuple(big['shape'])}: {big['mvox_per_s']['ours']:.1f} Mvox/s = "
+          f"{bound / big['mvox_per_s']['ours']:.0f}x below the bound ({args.threads} thread(s))")
+    for r in res:
+        print(f"mgm_speedup_vs_literal[{'x'.join(map(str, r['shape']))}]={r['ratio_vs_ours']['literal']:.1f}")
+    record = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "results": res, "bandwidth_gbs": bw,
+              "bound_mvox_per_s": bound}
+    if args.json:
+        import json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    return record
 
 
 # ---- closing study on phantoms ----------------------------------------------------------------------
@@ -240,9 +294,10 @@ def study(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", default="128,128,128;256,256,128", help="';'-separated shapes")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
     ap.add_argument("--study", action="store_true", help="closing variants + QC on phantoms instead of speed")
     ap.add_argument("--phantoms", type=int, default=20)
     ap.add_argument("--draws", type=int, default=3)

@@ -154,6 +154,24 @@ class Runners:
 
 # ---- stage cache ----------------------------------------------------------------------------
 
+MEASUREMENT_VERSION = 2   # 2: Table 1 scored under the cardiac mask of M_A (1: the whole volume)
+
+
+def stage_key(s: "ReproduceSettings") -> str:
+    """What every stage's result depends on: the settings (less where they are written and how many
+    threads compute them), the two checkpoints' digests and :data:`MEASUREMENT_VERSION`."""
+    from fcas.models.checkpoint import checkpoint_digest, config_hash
+
+    d = {k: v for k, v in asdict(s).items() if k not in ("work", "results", "plots", "threads", "stop_after")}
+    digests = {}
+    for name in ("checkpoint", "mask_only_checkpoint"):
+        uri = getattr(s, name)
+        try:
+            digests[name] = checkpoint_digest(uri)
+        except (OSError, ValueError):
+            digests[name] = None   # a missing checkpoint fails in the stage that loads it
+    return config_hash({"settings": json_safe(d), "digests": digests, "version": MEASUREMENT_VERSION})
+
 
 def _log_event(work: str, row: dict) -> None:
     uri = storage.join(work, STAGE_LOG)
@@ -168,18 +186,28 @@ def read_stage_log(work: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
 
 
-def _stage(work: str, name: str, fn: Callable[[], dict]) -> dict:
-    """Run ``fn`` once: its result (with ``seconds``) is kept as ``<work>/stages/<name>.json``."""
+def _stage(work: str, name: str, fn: Callable[[], dict], key: str | None = None, clean: str | None = None) -> dict:
+    """Run ``fn`` once: its result (with ``seconds``) is kept as ``<work>/stages/<name>.json``.
+
+    ``key`` names what the result depends on (:func:`stage_key`: settings, checkpoint digests, the
+    measurement code's version); a kept result with another key is stale and is computed again,
+    after removing ``clean`` (the stage's own output folder, which would otherwise be resumed).
+    """
     uri = storage.join(work, "stages", f"{name}.json")
     if storage.exists(uri):
         rec = json.loads(storage.read_bytes(uri))
-        _log_event(work, {"stage": name, "event": "cached", "seconds": 0.0, "at": time.time()})
-        log.info("reproduce: stage %s cached (%.1f s when it ran)", name, rec["seconds"])
-        return rec
+        if rec.get("key") == key:
+            _log_event(work, {"stage": name, "event": "cached", "seconds": 0.0, "at": time.time()})
+            log.info("reproduce: stage %s cached (%.1f s when it ran)", name, rec["seconds"])
+            return rec
+        _log_event(work, {"stage": name, "event": "stale", "seconds": 0.0, "at": time.time()})
+        log.info("reproduce: stage %s was computed with other settings or checkpoints; running it again", name)
+        if clean and storage.exists(clean):
+            storage.remove(clean, recursive=True)
     log.info("reproduce: stage %s ...", name)
     t0 = time.perf_counter()
     result = fn()
-    rec = {"stage": name, "seconds": round(time.perf_counter() - t0, 2), "result": json_safe(result)}
+    rec = {"stage": name, "seconds": round(time.perf_counter() - t0, 2), "key": key, "result": json_safe(result)}
     storage.atomic_write_bytes(uri, json.dumps(rec, indent=1).encode())
     _log_event(work, {"stage": name, "event": "ran", "seconds": rec["seconds"], "at": time.time()})
     log.info("reproduce: stage %s done in %.1f s", name, rec["seconds"])
@@ -224,43 +252,59 @@ def sample_held_out_pairs(checkpoint: str, cases, pairs: int, steps: int, seed: 
 
 
 def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
-    """SSIM / RMSE / FID of both checkpoints on the held-out pairs for one seed (+ the real-vs-real FID floor)."""
+    """SSIM / RMSE / FID of both checkpoints on the held-out pairs for one seed (+ the real-vs-real FID floor).
+
+    SSIM and RMSE "under the same mask" (seed §4): over the cardiac voxels of the reference mask M_A
+    (the figures named ``ssim`` / ``rmse``), and over the whole volume beside them (``*_whole``), where
+    the surroundings of A, which neither model is given, dominate.
+    """
     from fcas.evaluation import evaluate_pairs
+    from fcas.labels import load_schema
     from fcas.metrics.fid import VAEEncoderFeatures, fid
 
     feats = VAEEncoderFeatures.from_checkpoint(s.checkpoint, resize=s.fid_resize)
-    targets = [test.images[i % len(test), 0].numpy() for i in range(s.pairs)]
-    out: dict[str, Any] = {"seed": seed, "pairs": s.pairs, "steps": s.table1_steps}
+    idx = [i % len(test) for i in range(s.pairs)]
+    targets = [test.images[i, 0].numpy() for i in idx]
+    schema = load_schema(s.schema)
+    masks = [np.isin(test.labels[i].numpy(), schema.cardiac_ids) for i in idx]
+    out: dict[str, Any] = {"seed": seed, "pairs": s.pairs, "steps": s.table1_steps, "region": "cardiac voxels of M_A"}
     for name, ck in (("template", s.checkpoint), ("mask_only", s.mask_only_checkpoint)):
         t0 = time.perf_counter()
         imgs = sample_held_out_pairs(ck, test, s.pairs, s.table1_steps, seed)
-        r = evaluate_pairs(imgs, targets, None, feats)
+        r = evaluate_pairs(imgs, targets, masks, feats)
+        w = evaluate_pairs(imgs, targets, None, None)
         out[name] = {k: r[k] for k in ("ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "ssim", "rmse")}
+        out[name].update({f"{k}_whole": w[k] for k in ("ssim_mean", "rmse_mean")})
         out[name]["seconds_per_sample"] = (time.perf_counter() - t0) / s.pairs
         out["features"] = r["features"]
     enc = lambda vols: torch.stack([feats(torch.as_tensor(v)[None, None])[0] for v in vols])  # noqa: E731
     out["fid_floor"] = fid(enc(targets), enc([floor_set.images[i, 0].numpy() for i in range(len(floor_set))]))
-    out["vae_reconstruction"] = vae_reconstruction(s.checkpoint, targets)
+    out["vae_reconstruction"] = vae_reconstruction(s.checkpoint, targets, masks)
     return out
 
 
-def vae_reconstruction(checkpoint: str, targets) -> dict:
-    """SSIM / RMSE of the checkpoint's own VAE reconstructing ``targets`` (encode, decode): the ceiling
-    a sample decoded by that VAE can reach, reported beside the pair figures."""
+def vae_reconstruction(checkpoint: str, targets, masks=None) -> dict:
+    """SSIM / RMSE of the checkpoint's own VAE reconstructing ``targets`` (encode, decode) over ``masks``
+    (and over the whole volume, ``*_whole``): the ceiling a sample decoded by that VAE can reach,
+    reported beside the pair figures."""
     from fcas.metrics.image import rmse, ssim
     from fcas.models.bundle import load_tcdm
     from fcas.models.vae import vae_decode, vae_encode
 
     bundle = load_tcdm(checkpoint)
     vae = bundle.vae.float()
-    ss, rs = [], []
+    masks = [None] * len(targets) if masks is None else list(masks)
+    ss, rs, sw, rw = [], [], [], []
     with torch.no_grad():
-        for t in targets:
+        for t, m in zip(targets, masks):
             x = torch.as_tensor(t, dtype=torch.float32)[None, None]
             r = vae_decode(vae, vae_encode(vae, x)).clamp(0, 1)[0, 0]
-            ss.append(ssim(r, x[0, 0]))
-            rs.append(rmse(r, x[0, 0]))
-    return {"ssim_mean": float(np.mean(ss)), "rmse_mean": float(np.mean(rs))}
+            ss.append(ssim(r, x[0, 0], m))
+            rs.append(rmse(r, x[0, 0], m))
+            sw.append(ssim(r, x[0, 0]))
+            rw.append(rmse(r, x[0, 0]))
+    return {"ssim_mean": float(np.mean(ss)), "rmse_mean": float(np.mean(rs)),
+            "ssim_mean_whole": float(np.mean(sw)), "rmse_mean_whole": float(np.mean(rw))}
 
 
 # ---- Tables 3 and 4: segmentation -----------------------------------------------------------
@@ -345,7 +389,8 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         return {"library": storage.join(lib_out, "cases.parquet"), "library_summary": summary,
                 "train_source": s.train_source, "test_source": s.test_source}
 
-    stages["data"] = _stage(s.work, "data", data)
+    key = stage_key(s)
+    stages["data"] = _stage(s.work, "data", data, key, clean=lib_out)
     cache: dict[str, Any] = {}
     todo = ("table1", "synthesis", "seg")
     if s.stop_after in todo[:-1] or s.stop_after == "data":
@@ -360,13 +405,13 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
 
     for seed in s.seeds if "table1" in todo else ():
         stages[f"table1_seed{seed}"] = _stage(s.work, f"table1_seed{seed}",
-                                              lambda seed=seed: table1_seed(s, seed, cases("test"), cases("floor")))
+                                              lambda seed=seed: table1_seed(s, seed, cases("test"), cases("floor")), key)
     syn_out = storage.join(s.work, "synthesis")
     if "synthesis" in todo:
         stages["synthesis"] = _stage(s.work, "synthesis", lambda: runners.synthesize(
             n=s.syn_n, out=syn_out, checkpoint=s.checkpoint, templates=stages["data"]["result"]["library"],
             run_seed=s.syn_seed, steps=s.syn_steps, ssv_every=s.ssv_every, shape=s.shape, spacing=s.spacing,
-            sampler_actors=s.sampler_actors, ssv_mode=s.ssv_mode, ssv_start=s.ssv_start))
+            sampler_actors=s.sampler_actors, ssv_mode=s.ssv_mode, ssv_start=s.ssv_start), key, clean=syn_out)
 
     def train_set():
         if "ft" not in cache:
@@ -379,7 +424,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         for arm in ARMS:
             name = f"seg_{arm}_seed{seed}"
             stages[name] = _stage(s.work, name, lambda arm=arm, seed=seed: train_and_evaluate_seg(
-                s, arm, seed, syn_out, train_set(), cases("test")))
+                s, arm, seed, syn_out, train_set(), cases("test")), key, clean=storage.join(s.work, "seg", arm, f"seed{seed}"))
     uri = render_results(s, stages, config or {})
     _log_event(s.work, {"stage": "run", "event": "end", "seconds": 0.0, "at": time.time()})
     return {"stages": {k: v["seconds"] for k, v in stages.items()}, "results": uri}
@@ -503,8 +548,10 @@ def _table1_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str) -> tu
     sps = _ms([r[m]["seconds_per_sample"] for r in t1r for m in ("template", "mask_only")])
     L += [f"{s.pairs} held-out pairs (A, B) = (i, i+1 mod {s.n_test}) of the test phantoms ({s.test_source}), direction "
           f"B@A, DDIM {s.table1_steps} steps ({sps[0]:.1f} s per sample here); the seed changes the initial noise, both "
-          "models get the same noise. SSIM and RMSE over the whole volume on the [0, 1] scale (HU/2000) against the "
-          "true I_A; FID between the sampled set and the true I_A set on features of the project's own VAE encoder "
+          "models get the same noise. SSIM and RMSE on the [0, 1] scale (HU/2000) against the true I_A \"under the same "
+          "mask\" as the paper computes them: over the cardiac voxels of M_A (the SSIM window still sees their "
+          "neighbourhood); the whole-volume figures are in the second table (A's surroundings, which neither model "
+          "is given, dominate them). FID between the sampled set and the true I_A set on features of the project's own VAE encoder "
           f"(no external weights): {t1r[0]['features']}. FID on {s.pairs} volumes is a small-sample figure; the "
           f"real-vs-real floor (the same targets against {s.pairs} other real phantoms) is {_pm(*floor[:2], 2)}. "
           f"Checkpoints: `{s.checkpoint}` and `{s.mask_only_checkpoint}` (trained with the same budget). "
@@ -520,6 +567,14 @@ def _table1_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str) -> tu
         L.append(f"| VAE reconstruction of I_A (the ceiling) | {_pm(*vs[:2])} | {_pm(*vr[:2])} | – |")
         L += ["", f"Gap of the template-guided samples to the VAE's own reconstruction: SSIM {vs[0] - ts[0]:+.3f} "
               "(reconstruction minus sample)."]
+    if all("ssim_mean_whole" in r["template"] for r in t1r):
+        L += ["", "Over the whole volume:", "", "| model | SSIM ↑ | RMSE ↓ |", "|---|---|---|"]
+        for m, label in (("template", "template-guided (FCaS)"), ("mask_only", "mask-only (ablation)")):
+            L.append(f"| {label} | {_pm(*_ms([r[m]['ssim_mean_whole'] for r in t1r])[:2])} | "
+                     f"{_pm(*_ms([r[m]['rmse_mean_whole'] for r in t1r])[:2])} |")
+        if all(r and "ssim_mean_whole" in r for r in recon):
+            L.append(f"| VAE reconstruction of I_A | {_pm(*_ms([r['ssim_mean_whole'] for r in recon])[:2])} | "
+                     f"{_pm(*_ms([r['rmse_mean_whole'] for r in recon])[:2])} |")
     L += ["", "Per seed (template / mask-only): " + "; ".join(
         f"seed {r['seed']}: SSIM {r['template']['ssim_mean']:.3f} / {r['mask_only']['ssim_mean']:.3f}, "
         f"RMSE {r['template']['rmse_mean']:.3f} / {r['mask_only']['rmse_mean']:.3f}" for r in t1r) + ".",

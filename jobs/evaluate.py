@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.evaluation import run_evaluation, settings_from_dict  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
+@user_errors("evaluate")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.export.nnunet import export_nnunet, settings_from_dict  # noqa: E402
 
 
@@ -23,6 +24,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="export_nnunet", version_base=None)
+@user_errors("export_nnunet")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

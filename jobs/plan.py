@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.pipeline.jobs import plan_request_from_cfg  # noqa: E402
 from fcas.planning import format_plan, make_plan, plan_to_json  # noqa: E402
 
@@ -27,11 +28,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="plan", version_base=None)
+@user_errors("plan")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ValueError as e:
-        sys.exit(f"plan: {e}")
+    run(cfg)
 
 
 if __name__ == "__main__":

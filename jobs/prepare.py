@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.pipeline.jobs import prepare_job_from_cfg  # noqa: E402
 from fcas.pipeline.prepare import run_prepare  # noqa: E402
 
@@ -23,6 +24,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="prepare", version_base=None)
+@user_errors("prepare")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

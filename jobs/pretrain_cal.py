@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.pipeline.pretrain_cal import run as _run  # noqa: E402
 
 
@@ -21,6 +22,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="pretrain_cal", version_base=None)
+@user_errors("pretrain_cal")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

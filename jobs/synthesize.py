@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.pipeline.jobs import synthesis_job_from_cfg  # noqa: E402
 from fcas.pipeline.synthesize import run_synthesis  # noqa: E402
 
@@ -26,6 +27,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="synthesize", version_base=None)
+@user_errors("synthesize")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

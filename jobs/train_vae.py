@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fcas.pipeline.cli import user_errors  # noqa: E402
 from fcas.pipeline.train_vae import run as _run  # noqa: E402
 
 
@@ -20,6 +21,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="train_vae", version_base=None)
+@user_errors("train_vae")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -287,6 +287,67 @@ def test_gzip_output_is_deterministic(tmp_path):
     assert blob == storage.read_bytes(b)
 
 
+@pytest.mark.parametrize("kind", ["image", "label", "fraction"])
+def test_isal_and_zlib_files_hold_the_same_nifti(tmp_path, kind):
+    """The fast ISA-L writer (the default) and zlib give different gzip streams of one NIfTI: gunzip,
+    nibabel and SimpleITK read both to the same bytes and voxels, with the same geometry."""
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(7)
+    arr = {"image": rng.integers(-1024, 3000, (20, 17, 9)), "label": rng.integers(0, 12, (20, 17, 9)),
+           "fraction": rng.random((20, 17, 9)).astype(np.float32)}[kind]
+    fast, ref = str(tmp_path / "isal.nii.gz"), str(tmp_path / "zlib.nii.gz")
+    write_nifti(fast, arr, _oblique_affine(), kind=kind)   # codec="auto": isal when installed
+    write_nifti(ref, arr, _oblique_affine(), kind=kind, codec="zlib")
+    a, b = storage.read_bytes(fast), storage.read_bytes(ref)
+    assert nifti._igzip is not None and a != b   # really two encoders
+    assert gzip.decompress(a) == gzip.decompress(b)
+    va, vb = read_nifti(fast), read_nifti(ref)
+    assert va.array.dtype == vb.array.dtype and np.array_equal(va.array, vb.array)
+    np.testing.assert_array_equal(nib.load(fast).get_fdata(), nib.load(ref).get_fdata())
+    ia, ib = sitk.ReadImage(fast), sitk.ReadImage(ref)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib))
+    assert ia.GetSpacing() == ib.GetSpacing() and ia.GetDirection() == ib.GetDirection()
+    # SimpleITK's array is (k, j, i): ours transposed (scl_slope applied by both)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(ia), va.array.transpose(2, 1, 0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,shape,order", [("image", (33, 20, 17), "C"), ("label", (300, 7, 130), "C"),
+                                              ("fraction", (16, 9, 5), "C"), ("float", (10, 11, 12, 2), "C"),
+                                              ("label", (5, 6, 7), "F")])
+def test_fast_serialisation_gives_nibabels_bytes(kind, shape, order):
+    """write_nifti's own header + blocked transpose: byte for byte what nibabel's to_bytes writes."""
+    rng = np.random.default_rng(3)
+    arr = {"image": lambda: rng.integers(-1024, 3000, shape), "label": lambda: rng.integers(0, 12, shape),
+           "fraction": lambda: rng.random(shape), "float": lambda: rng.random(shape)}[kind]()
+    arr = np.asfortranarray(arr) if order == "F" else arr
+    aff = _oblique_affine()
+    data = nifti._to_kind(arr, kind, "x")
+    img = nib.Nifti1Image(data, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    img.header.set_xyzt_units("mm")
+    if kind == "label":
+        img.header.set_intent("label")
+    if kind == "fraction":
+        img.header.set_slope_inter(1.0 / nifti.FRACTION_LEVELS, 0.0)
+    assert nifti._nifti_bytes(img, data) == img.to_bytes()
+
+
+def test_fraction_steps_equal_float64_rounding_and_clip():
+    rng = np.random.default_rng(5)
+    a = np.concatenate([rng.random(600_000), (np.arange(255) + 0.5) / 255, [0.0, 1.0]]).astype(np.float32)
+    assert np.array_equal(nifti._fraction_steps(a), np.rint(a.astype(np.float64) * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"fraction values must lie in \[0, 1\]"):
+        nifti._fraction_steps(np.array([0.5, 1.5]))
+    assert nifti._fraction_steps(np.array([-0.5, 0.5, 1.5]), clip=True).tolist() == [0, 128, 255]
+
+
+def test_gzip_codec_is_checked():
+    with pytest.raises(ValueError, match="unknown gzip codec 'brotli'"):
+        write_nifti("/tmp/never.nii.gz", np.zeros((2, 2, 2)), np.eye(4), codec="brotli")
+    assert gzip.decompress(nifti.gzip_bytes(b"abc" * 100, "zlib", 6)) == b"abc" * 100
+
+
 def _bare_header(shape, dtype=np.int16) -> bytes:
     """A NIfTI-1 header (plus empty extension flag) declaring ``shape``, with no voxel data."""
     hdr = nib.Nifti1Header()
@@ -463,6 +524,49 @@ def test_sharded_dir_glob_and_dedup(base):
     assert dedup.column("image_uri").to_pylist() == ["old0", "old2", "new3", "new1", "new4"]
     with pytest.raises(ValueError, match="dedup key 'case_id'"):
         read_manifest_dedup(d, key="case_id")
+
+
+@pytest.mark.parametrize("base", WHERE, indirect=True)
+def test_compaction_keeps_every_row_and_the_newest_write(base):
+    d = storage.join(base, "syn")
+    for k in range(40):   # 40 writer batches of 3 rows; batch 39 retries samples 0..2
+        ids = range(3 * k, 3 * k + 3) if k < 39 else range(3)
+        write_table(storage.join(d, f"part-{k:05d}.parquet"),
+                    [{"sample_id": i, "seed": i, "image_uri": f"b{k}"} for i in ids], SYN_SCHEMA)
+    before = read_manifest_dedup(d, key="sample_id")
+    assert before.num_rows == 117
+    assert manifest.compact(d, SYN_SCHEMA, key="sample_id", min_shards=50)["compacted"] is False   # too few shards
+    res = manifest.compact(d, SYN_SCHEMA, key="sample_id", min_shards=32)
+    assert res["compacted"] and res["shards_read"] == 40 and res["rows"] == 117
+    names = [u.rsplit("/", 1)[-1] for u in storage.listdir(d)]
+    assert len(names) == 1 and names[0].startswith("compact-0000000001-")
+    after = read_manifest_dedup(d, key="sample_id")
+    assert sorted(after.column("sample_id").to_pylist()) == list(range(117))
+    assert {r["sample_id"]: r["image_uri"] for r in after.to_pylist() if r["sample_id"] < 3} == {0: "b39", 1: "b39", 2: "b39"}
+    # a retry written after the compaction still wins; a second compaction folds both files into one
+    write_table(storage.join(d, "part-zzz.parquet"), [{"sample_id": 5, "seed": 5, "image_uri": "late"}], SYN_SCHEMA)
+    assert read_manifest_dedup(d, key="sample_id").to_pylist()[-1]["image_uri"] == "late"
+    res = manifest.compact(d, SYN_SCHEMA, key="sample_id", min_shards=1)
+    assert res["rows"] == 117 and len(storage.listdir(d)) == 1
+    final = {r["sample_id"]: r["image_uri"] for r in read_table(d).to_pylist()}
+    assert len(final) == 117 and final[5] == "late" and final[0] == "b39"
+
+
+def test_compaction_without_key_keeps_duplicates_and_a_crash_loses_nothing(tmp_path):
+    d = str(tmp_path / "rejects")
+    for k in range(3):
+        write_table(f"{d}/part-{k}.parquet", [{"sample_id": 1, "seed": k, "image_uri": None}], SYN_SCHEMA)
+    shards = sorted(storage.listdir(d))
+    real_remove = storage.remove_many
+    storage.remove_many = lambda uris: None   # a crash after the compacted file is written, before the deletes
+    try:
+        manifest.compact(d, SYN_SCHEMA, min_shards=1)
+    finally:
+        storage.remove_many = real_remove
+    assert len(storage.listdir(d)) == 4 and read_table(d).num_rows == 6   # duplicates, nothing lost
+    assert read_manifest_dedup(d, key="sample_id").num_rows == 1
+    manifest.compact(d, SYN_SCHEMA, min_shards=1)   # the next compaction folds the leftovers
+    assert len(storage.listdir(d)) == 1 and read_table(d).num_rows == 6 and not any(storage.exists(s) for s in shards)
 
 
 def test_read_table_schema_evolution_and_empty(tmp_path):

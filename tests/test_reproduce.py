@@ -65,6 +65,12 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
     t1 = json.loads((work / "stages" / f"table1_seed{seeds[0]}.json").read_text())["result"]
     for m in ("template", "mask_only"):
         assert -1.0 <= t1[m]["ssim_mean"] <= 1.0 and 0.0 <= t1[m]["rmse_mean"] <= 1.0 and t1[m]["fid"] >= 0.0
+    # Table 1 is scored under the cardiac mask of M_A, with the whole-volume figures beside it
+    assert t1["region"] == "cardiac voxels of M_A"
+    assert 0.0 <= t1["template"]["rmse_mean_whole"] <= 1.0
+    assert t1["template"]["ssim_mean"] != t1["template"]["ssim_mean_whole"]
+    assert {"ssim_mean", "ssim_mean_whole", "rmse_mean", "rmse_mean_whole"} <= set(t1["vae_reconstruction"])
+    assert "Over the whole volume:" in _section(md, "## Table 1")
     # both arms used the same checkpoint here, with the same noise per (seed, pair): identical images
     assert t1["template"]["ssim"] == t1["mask_only"]["ssim"]
     seg = json.loads((work / "stages" / f"seg_cal_seed{seeds[0]}.json").read_text())["result"]
@@ -96,6 +102,29 @@ def test_stage_cache_runs_once(tmp_path):
     assert calls == [1]
     assert a["result"] == b["result"] == {"x": 0.5, "nan": None}
     assert [r["event"] for r in read_stage_log(str(tmp_path))] == ["ran", "cached"]
+    # another key (other settings or checkpoints): stale, computed again after removing its folder
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "old.txt").write_text("x")
+    c = _stage(str(tmp_path), "s", fn, key="k2", clean=str(own))
+    assert calls == [1, 1] and c["key"] == "k2" and not own.exists()
+    assert _stage(str(tmp_path), "s", fn, key="k2")["key"] == "k2" and calls == [1, 1]
+    assert [r["event"] for r in read_stage_log(str(tmp_path))][2:] == ["stale", "ran", "cached"]
+
+
+def test_stage_key_follows_settings_and_checkpoints(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from fcas.reproduce import ReproduceSettings, stage_key
+
+    base = dict(work=str(tmp_path / "w"), checkpoint=tiny_checkpoint, mask_only_checkpoint=tiny_checkpoint)
+    k = stage_key(ReproduceSettings(**base))
+    assert stage_key(ReproduceSettings(**{**base, "work": str(tmp_path / "elsewhere"), "threads": 7})) == k
+    assert stage_key(ReproduceSettings(**{**base, "pairs": 3})) != k
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    (other / "checkpoint.json").write_text((other / "checkpoint.json").read_text() + "\n")   # another digest
+    assert stage_key(ReproduceSettings(**{**base, "mask_only_checkpoint": str(other)})) != k
 
 
 @pytest.mark.parametrize("better, worse, sd_b, sd_w, higher, start", [

@@ -20,7 +20,7 @@ SCHEMA = default_schema()
 def _job(out, ckpt, n, templates="phantom:4", **kw):
     return SynthesisJob(n=n, out=str(out), checkpoint=ckpt, templates=templates, shape=TINY.shape,
                         spacing=TINY.spacing, sampler=SamplerSettings(steps=4, ssv_every=1),
-                        resources=Resources(writer_batch_size=3), config_hash="test", **kw)
+                        resources=Resources(writer_batch_size=3), config_hash=kw.pop("config_hash", "test"), **kw)
 
 
 def _files(out) -> list[str]:
@@ -110,6 +110,50 @@ def test_one_run_never_mixes_checkpoints(run12, tiny_checkpoint, tiny_templates,
     with pytest.raises(ValueError, match=f"the samples already in {out} were made with"):
         run_synthesis(_job(out, str(other), 13), progress=False)
     assert read_run_manifest(str(out)).num_rows == 12
+
+
+def test_a_rerun_with_another_identity_is_refused_before_any_work(run12, tiny_checkpoint, tmp_path):
+    """out/run.json records what defines the run; another seed or other content settings are refused
+    with one line naming the difference, and nothing in the run changes; n may grow."""
+    import re
+    import subprocess
+    import sys
+
+    out, _ = run12
+    ident = json.loads((out / "run.json").read_text())
+    assert ident["settings"]["run_seed"] == 0 and ident["settings"]["content"] == "test"
+    assert len(ident["settings"]["checkpoint_digest"]) == 64 and ident["templates"]["n_templates"] >= 1
+    before = {p.name: p.stat().st_mtime_ns for p in Path(out, "samples").iterdir()}
+    for kw, what in (({"run_seed": 1}, "run_seed: 0 -> 1"), ({"config_hash": "other"}, "content: 'test' -> 'other'")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            run_synthesis(_job(out, tiny_checkpoint, 13, **kw), progress=False)
+    assert read_run_manifest(str(out)).num_rows == 12
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out, "samples").iterdir()} == before
+    assert json.loads((out / "run.json").read_text()) == ident   # never rewritten
+    # the job's command line: one line on stderr, exit status 2, before Ray starts
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    (alien / "run.json").write_text((out / "run.json").read_text())
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "synthesize.py"), "preset=tiny", "n=2",
+                           f"out={alien}", f"checkpoint={tiny_checkpoint}", "templates=phantom:4", "progress=false"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"synthesize: {alien} holds another run (run.json, settings differ"), err
+    assert sorted(p.name for p in alien.iterdir()) == ["run.json"]   # no templates, no Ray session output
+
+
+@pytest.mark.parametrize("folder", ["manifest", "rejects", "templates", "summary.json"])
+def test_a_symlink_out_of_the_run_is_refused_before_any_write(tiny_checkpoint, tmp_path, folder):
+    from fcas.security import UnsafePathError
+
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / folder).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="outside the run root"):
+        run_synthesis(_job(out, tiny_checkpoint, 2), progress=False)
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_decode_window_comes_from_the_preset_and_only_changes_the_decode(tiny_checkpoint, tiny_templates):

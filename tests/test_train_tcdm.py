@@ -60,6 +60,39 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_cases):
 
 
 @pytest.mark.filterwarnings("ignore:TCDM uses an untrained")
+def test_ema_and_cosine_schedule_resume_bit_exactly_and_ship_the_ema(tmp_path, tiny_cases):
+    """train.ema_decay keeps an EMA of the weights (ema.pt), resumed bit-exactly with the cosine lr;
+    load_tcdm and the export use the EMA weights, which differ from the raw ones."""
+    from fcas.models.bundle import load_tcdm
+    from fcas.models.export import export_inference_checkpoint
+    from fcas.models.optim import lr_at
+
+    kw = {"ema_decay": 0.5, "schedule": "cosine", "warmup_steps": 1, "lr": 1e-3, "lr_min": 1e-5}
+    train_tcdm_loop(_settings(tmp_path / "a", 4, **kw), cases=tiny_cases, progress=False)
+    # the same run interrupted after its step-2 checkpoint (the lr schedule depends on train.steps)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(latest_checkpoint(str(tmp_path / "b")))
+    assert train_tcdm_loop(_settings(tmp_path / "b", 4, **kw), cases=tiny_cases, progress=False)["start_step"] == 2
+    a, b = load_checkpoint(latest_checkpoint(str(tmp_path / "a"))), load_checkpoint(latest_checkpoint(str(tmp_path / "b")))
+    assert "ema" in a.files and a.state_dict("ema").keys() == b.state_dict("ema").keys()
+    for k, v in a.state_dict("ema").items():
+        assert torch.equal(v, b.state_dict("ema")[k]), f"ema {k} differs after resume"
+    bundle = load_tcdm(str(tmp_path / "a"))
+    ema_w = bundle.model.unet.state_dict()
+    raw_w = a.state_dict("unet")
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in raw_w if raw_w[k].is_floating_point())
+    assert all(torch.equal(ema_w[k], a.state_dict("ema")[f"module.unet.{k}"]) for k in raw_w)
+    export_inference_checkpoint(str(tmp_path / "a"), str(tmp_path / "exp"), half=False)
+    exp = load_tcdm(str(tmp_path / "exp"))
+    assert exp.config["weights"] == "ema"
+    assert all(torch.equal(exp.model.unet.state_dict()[k], ema_w[k]) for k in ema_w)
+    tc = _settings(tmp_path / "c", 4, **kw).train
+    assert lr_at(tc, 1) == tc.lr and abs(lr_at(tc, 4) - tc.lr_min) < 1e-12 and tc.lr_min < lr_at(tc, 3) < tc.lr
+    with pytest.raises(ValueError, match="ema_decay"):
+        _settings(tmp_path / "d", 4, ema_decay=1.5)
+
+
+@pytest.mark.filterwarnings("ignore:TCDM uses an untrained")
 def test_resume_refuses_other_architecture(tmp_path, tiny_cases):
     train_tcdm_loop(_settings(tmp_path, 2), cases=tiny_cases, progress=False)
     other = TCDMSettings.from_dict({**_settings(tmp_path, 4).to_dict(), "condition": {"mask_only": True}})

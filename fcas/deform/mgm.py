@@ -70,11 +70,12 @@ tries, sample s of run 0): 20/20 phantoms pass (19 on the first try); per-class 
 passing samples 0.92-0.96 on average (range 0.75-1.26), every chamber and great vessel one
 component, coronaries <= 2 components (the two trees), all attached to the aorta.
 
-Speed (``python benchmarks/mgm.py``: 128³ phantom, 8 classes, 2 threads, median of 5, shared
-2-core machine at load ~2.3): closing+keep 37.7 ms = 55.6 Mvox/s (max-pool 61.9 Mvox/s); the
-literal per-class scipy Eq. 6 1.96 Mvox/s (28x slower); MONAI ``Rand3DElastic`` nearest, no
-closing, 2.39 Mvox/s (23x slower). Ours equals the literal on 99.98% of voxels, the rest being
-scipy's border rule above. The second gather thread gains nothing on that busy machine.
+Speed like for like (``python benchmarks/mgm.py``: 8-class phantom, 1 thread for every method, the
+same max-pool closing and priority union after each, median of 3, shared 2-core machine): ours 50.8
+Mvox/s at 128³ and 54.7 at 256x256x128; the literal per-class scipy Eq. 6 33x and 47x slower, MONAI
+``Rand3DElastic`` (nearest) 60x and 166x, TorchIO ``RandomAffine`` + ``RandomElasticDeformation``
+51x (``docs/benchmarks.md``). Ours equals the literal on 99.98% of voxels, the rest being scipy's
+border rule above.
 
 The warp and closing are hand-written on numpy (the per-class scipy route is the reference);
 MONAI has no priority-union label warp.

@@ -41,6 +41,7 @@ from fcas.models.checkpoint import (
 )
 from fcas.io import storage
 from fcas.models.networks import ModelConfig, build_tcdm, jsonable
+from fcas.models.optim import SCHEDULES, lr_at, make_ema
 from fcas.models.vae import compute_scale_factor, vae_encode
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,20 @@ class TrainConfig:
     amp: bool = True  # used only on CUDA
     grad_clip: float = 1.0
     scale_factor_cases: int = 8
+    schedule: str = "constant"  # constant | cosine (decay to lr_min at `steps`)
+    warmup_steps: int = 0       # linear warm-up from 0 to lr
+    lr_min: float = 0.0
+    ema_decay: float = 0.0      # > 0: keep an EMA of the weights (saved beside them; export ships it)
 
     def __post_init__(self) -> None:
         if self.crop is not None:
             object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
         if self.unet_mode not in ("joint", "pretrain_freeze"):
             raise ValueError(f"unknown unet_mode {self.unet_mode!r}; use 'joint' or 'pretrain_freeze'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if not 0.0 <= self.ema_decay < 1.0 or self.warmup_steps < 0:
+            raise ValueError(f"need 0 <= ema_decay < 1 and warmup_steps >= 0, got {self.ema_decay}, {self.warmup_steps}")
         if self.steps < 0 or self.batch_pairs < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 f"need steps >= 0, batch_pairs >= 1, checkpoint_every >= 1; got {self.steps}, "
@@ -185,6 +194,7 @@ def train_tcdm_loop(
 
     # ---- resume ----
     start_step, history, opt_state, stage_at_ckpt = 0, {"step": [], "loss": []}, None, None
+    ema = make_ema(model, tc.ema_decay) if tc.ema_decay > 0 else None
     latest = latest_checkpoint(settings.out)
     if latest is not None:
         ck = load_checkpoint(latest)
@@ -196,6 +206,11 @@ def train_tcdm_loop(
             )
         load_into(model.unet, ck.state_dict("unet"), storage.join(latest, "unet.pt"))
         load_into(model.controlnet, ck.state_dict("controlnet"), storage.join(latest, "controlnet.pt"))
+        if ema is not None:
+            if "ema" in ck.files:
+                load_into(ema, ck.state_dict("ema"), storage.join(latest, "ema.pt"))
+            else:  # EMA switched on for a run that had none: start it at the current weights
+                ema = make_ema(model, tc.ema_decay)
         opt_state = ck.state_dict("optimizer")
         hist = ck.state_dict("history") if "history" in ck.files else {}
         history = {k: [float(x) for x in v.tolist()] for k, v in hist.items()} or history
@@ -251,6 +266,7 @@ def train_tcdm_loop(
                 "controlnet": model.controlnet.state_dict(),
                 "vae": vae.state_dict(),
                 "optimizer": state["opt"].state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in history.items()},
             },
             step=step,
@@ -289,6 +305,9 @@ def train_tcdm_loop(
         with amp_ctx:
             loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen)
         opt = state["opt"]
+        lr = lr_at(tc, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tc.grad_clip > 0:
@@ -296,6 +315,8 @@ def train_tcdm_loop(
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         dt = time.perf_counter() - t0
         last_loss = float(loss.detach())
         if not math.isfinite(last_loss):
@@ -305,7 +326,7 @@ def train_tcdm_loop(
         steps_done += 1
         is_ck = step % tc.checkpoint_every == 0 or step == tc.steps
         ck_uri = save(step) if rank == 0 and is_ck else None
-        metrics = {"step": step, "loss": last_loss, "stage": state["stage"], "step_time_s": dt,
+        metrics = {"step": step, "loss": last_loss, "lr": lr, "stage": state["stage"], "step_time_s": dt,
                    "samples_per_s": samples_per_step / dt, **parts}
         report(metrics, checkpoint_uri=ck_uri, checkpoint_step=is_ck)
         if bar is not None:

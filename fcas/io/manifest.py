@@ -18,9 +18,16 @@ nothing is written. Files are serialized in memory and written with
 :func:`fcas.io.storage.atomic_write_bytes`.
 
 Reading accepts a file, a directory of shards (``*.parquet`` directly inside it, hidden and
-``_``-prefixed names skipped) or a glob; shards are concatenated in file-name order.
-:func:`read_manifest_dedup` keeps the last row of each key (a retried sample overwrites its
-files and appends a new row; readers drop the earlier one).
+``_``-prefixed names skipped) or a glob; shards are read by a thread pool (object stores answer
+requests in parallel) and concatenated in file-name order. :func:`read_manifest_dedup` keeps the
+last row of each key (a retried sample overwrites its files and appends a new row; readers drop the
+earlier one).
+
+At scale (a shard per writer batch is 25,000 files at n = 100,000) :func:`compact` folds a folder's
+shards into one ``compact-<generation>.parquet`` and then deletes exactly the shards it read: the
+new file is complete before anything is removed (a crash in between leaves duplicate rows, which
+readers drop), and shards written meanwhile are not touched. Compacted files sort before
+``part-*`` shards and by generation, so "last row wins" still prefers the newest write.
 
 Hand-written row validation; Parquet I/O is pyarrow's.
 """
@@ -28,6 +35,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -46,7 +56,12 @@ __all__ = [
     "read_table",
     "read_manifest_dedup",
     "map_to_dict",
+    "compact",
+    "READ_THREADS",
 ]
+
+READ_THREADS = 16   # concurrent shard reads (S3 GETs overlap; local parsing releases the GIL)
+_COMPACT_RE = re.compile(r"^compact-(\d{10})-[0-9a-f]{8}\.parquet$")
 
 _SCHEMA_NAME_KEY = b"fcas.schema"
 
@@ -266,18 +281,66 @@ def read_table(uri: str | os.PathLike, schema: pa.Schema | str | None = None) ->
         if target is not None:
             return target.empty_table()
         raise FileNotFoundError(f"no Parquet files at {uri}")
-    tables = []
-    for shard in shards:
+    return _read_shards(shards, target)
+
+
+def _read_shards(shards: list[str], target: pa.Schema | None) -> pa.Table:
+    def one(shard: str) -> pa.Table:
         try:
             t = pq.read_table(pa.BufferReader(storage.read_bytes(shard)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{shard}: not a readable Parquet file: {exc}") from exc
-        if target is not None:
-            t = _conform(t, target, shard)
-        tables.append(t)
+        return _conform(t, target, shard) if target is not None else t
+
+    if len(shards) == 1:
+        tables = [one(shards[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(shards))) as pool:
+            tables = list(pool.map(one, shards))   # file-name order; the first error is raised
     if target is not None:
         return pa.concat_tables(tables)
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _dedup_last(table: pa.Table, key: str) -> pa.Table:
+    if key not in table.column_names:
+        raise ValueError(f"dedup key {key!r} not in manifest columns {table.column_names}")
+    if table.num_rows == 0:
+        return table
+    idx_name = "__fcas_row__"
+    indexed = table.append_column(idx_name, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    last = indexed.group_by(key, use_threads=False).aggregate([(idx_name, "max")])
+    keep = np.sort(last[f"{idx_name}_max"].to_numpy())
+    return table.take(pa.array(keep))
+
+
+def compact(folder: str, schema: pa.Schema | str, key: str | None = None, min_shards: int = 32) -> dict:
+    """Fold the shards of ``folder`` into one compacted Parquet file, then delete the shards read.
+
+    Runs when the folder holds at least ``min_shards`` ``part-*`` shards, or more than one compacted
+    file. With ``key`` only the last row of each key is kept (:func:`read_manifest_dedup`'s rule);
+    without, every row is kept (a rejects list). Call from one process per folder at a time (the
+    run's driver); writers may keep adding shards meanwhile.
+
+    Returns ``{"compacted": bool, "shards_read", "rows", "file"}``.
+    """
+    schema = _resolve_schema(schema)
+    if not storage.exists(folder):
+        return {"compacted": False, "shards_read": 0, "rows": 0, "file": None}
+    shards = _shard_uris(folder)
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in shards]
+    gens = [int(m.group(1)) for m in map(_COMPACT_RE.match, names) if m]
+    parts = len(shards) - len(gens)
+    if parts < min_shards and len(gens) <= 1:
+        return {"compacted": False, "shards_read": 0, "rows": 0, "file": None}
+    table = _read_shards(shards, schema)
+    if key is not None:
+        table = _dedup_last(table, key)
+    gen = max(gens, default=0) + 1
+    uri = storage.join(folder, f"compact-{gen:010d}-{uuid.uuid4().hex[:8]}.parquet")
+    write_table(uri, table, schema)
+    storage.remove_many(shards)   # the new file is durable: the shards it holds can go
+    return {"compacted": True, "shards_read": len(shards), "rows": table.num_rows, "file": uri}
 
 
 def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
@@ -304,16 +367,7 @@ def read_manifest_dedup(
 
     "Last" is in shard file-name order, then row order; kept rows stay in their original order.
     """
-    table = read_table(uri, schema=schema)
-    if key not in table.column_names:
-        raise ValueError(f"dedup key {key!r} not in manifest columns {table.column_names}")
-    if table.num_rows == 0:
-        return table
-    idx_name = "__fcas_row__"
-    indexed = table.append_column(idx_name, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    last = indexed.group_by(key, use_threads=False).aggregate([(idx_name, "max")])
-    keep = np.sort(last[f"{idx_name}_max"].to_numpy())
-    return table.take(pa.array(keep))
+    return _dedup_last(read_table(uri, schema=schema), key)
 
 
 def map_to_dict(value) -> dict | None:

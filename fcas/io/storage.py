@@ -43,6 +43,7 @@ __all__ = [
     "listdir",
     "glob",
     "remove",
+    "remove_many",
     "open_file",
 ]
 
@@ -260,6 +261,24 @@ def remove(uri: str | os.PathLike, recursive: bool = False, missing_ok: bool = F
             raise FileNotFoundError(f"no such file: {os.fspath(uri)}") from None
     finally:
         fs.invalidate_cache(path)
+
+
+def remove_many(uris: list[str]) -> None:
+    """Delete several files of one filesystem in one call (batched DELETEs on S3); missing ones are fine."""
+    if not uris:
+        return
+    fs, first = get_fs(uris[0])
+    paths = [first] + [get_fs(u)[1] for u in uris[1:]]
+    try:
+        fs.rm(paths)
+    except FileNotFoundError:
+        for p in paths:
+            try:
+                fs.rm(p)
+            except FileNotFoundError:
+                pass
+    finally:
+        fs.invalidate_cache(os.path.dirname(first.rstrip("/")) or first)
 
 
 def open_file(uri: str | os.PathLike, mode: str = "rb", **kwargs: Any):

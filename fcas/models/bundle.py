@@ -14,7 +14,24 @@ from fcas.models.checkpoint import Checkpoint, latest_checkpoint, load_checkpoin
 from fcas.io import storage
 from fcas.models.networks import TCDM, ModelConfig, VAEConfig, build_tcdm, build_vae
 
-__all__ = ["load_vae", "TCDMBundle", "load_tcdm"]
+__all__ = ["load_vae", "TCDMBundle", "load_tcdm", "tcdm_weights"]
+
+
+def tcdm_weights(ck: Checkpoint, map_location: str | torch.device = "cpu") -> tuple[dict, dict, str]:
+    """``(unet state dict, controlnet state dict, source)`` of a TCDM checkpoint: the EMA weights
+    when the run kept them (``train.ema_decay > 0``; source ``'ema'``), else the raw ones (``'raw'``)."""
+    if "ema" in ck.files:
+        sd = ck.state_dict("ema", map_location)
+        parts: dict[str, dict] = {"unet": {}, "controlnet": {}}
+        for key, value in sd.items():
+            head, _, rest = key.partition(".")
+            net, _, name = rest.partition(".")
+            if head == "module" and net in parts:
+                parts[net][name] = value
+        if not parts["unet"] or not parts["controlnet"]:
+            raise ValueError(f"{storage.join(ck.uri, 'ema.pt')} holds no unet/controlnet weights")
+        return parts["unet"], parts["controlnet"], "ema"
+    return ck.state_dict("unet", map_location), ck.state_dict("controlnet", map_location), "raw"
 
 
 def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module, VAEConfig, float | None, str]:
@@ -89,7 +106,7 @@ class TCDMBundle:
 
 def load_tcdm(uri: str, map_location: str | torch.device = "cpu", expected_digest: str | None = None) -> TCDMBundle:
     """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder, or a training output root (its
-    latest checkpoint); eval mode, float32, frozen. ``expected_digest``: refuse (``ValueError``) a
+    latest checkpoint; its EMA weights when it kept them, see :func:`tcdm_weights`); eval mode, float32, frozen. ``expected_digest``: refuse (``ValueError``) a
     checkpoint whose digest differs (see :func:`fcas.models.checkpoint.load_checkpoint`)."""
     if not storage.exists(storage.join(uri, "checkpoint.json")):
         uri = latest_checkpoint(uri) or uri
@@ -102,8 +119,10 @@ def load_tcdm(uri: str, map_location: str | torch.device = "cpu", expected_diges
     mcfg = ModelConfig.from_dict(ck.config["model"])
     cond = ConditionConfig(**ck.config["condition"])
     model = build_tcdm(mcfg, cond.channels, init_controlnet_from_unet=False)
-    load_into(model.unet, ck.state_dict("unet", map_location), storage.join(uri, "unet.pt"))
-    load_into(model.controlnet, ck.state_dict("controlnet", map_location), storage.join(uri, "controlnet.pt"))
+    unet_sd, control_sd, source = tcdm_weights(ck, map_location)
+    where = "ema.pt" if source == "ema" else "{}.pt"
+    load_into(model.unet, unet_sd, storage.join(uri, where.format("unet")))
+    load_into(model.controlnet, control_sd, storage.join(uri, where.format("controlnet")))
     vae = build_vae(mcfg.vae)
     load_into(vae, ck.state_dict("vae", map_location), storage.join(uri, "vae.pt"))
     for m in (model, vae):

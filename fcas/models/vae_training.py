@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fcas.diffusion.data import CaseArrays, crop_slices, load_cases
 from fcas.diffusion.pairs import step_rng
 from fcas.io import storage
+from fcas.models.optim import SCHEDULES, lr_at
 from fcas.models.checkpoint import (
     checkpoint_dir,
     config_hash,
@@ -70,21 +71,10 @@ class VAETrainConfig:
             object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(f"bad VAE train settings steps={self.steps} batch_size={self.batch_size}")
-        if self.schedule not in ("constant", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown VAE lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
         if self.warmup_steps < 0 or self.adv_start < 0 or min(self.ssim_weight, self.adv_weight, self.kl_weight) < 0:
             raise ValueError("VAE warmup_steps, adv_start and the loss weights must be >= 0")
-
-
-def lr_at(tc: VAETrainConfig, step: int) -> float:
-    """Learning rate of ``step`` (1-based): linear warm-up, then constant or cosine to ``lr_min``."""
-    if tc.warmup_steps and step <= tc.warmup_steps:
-        return tc.lr * step / tc.warmup_steps
-    if tc.schedule == "constant":
-        return tc.lr
-    span = max(1, tc.steps - tc.warmup_steps)
-    frac = min(1.0, (step - tc.warmup_steps) / span)
-    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * frac))
 
 
 def augment_crop(x: torch.Tensor, rng, intensity: bool = False) -> torch.Tensor:

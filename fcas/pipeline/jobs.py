@@ -85,6 +85,7 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         writer_cpus=float(r.writer_cpus), plan_cpus=float(r.plan_cpus), writer_batch_size=int(r.writer_batch_size),
         actor_max_restarts=int(r.actor_max_restarts), actor_task_retries=int(r.actor_task_retries),
         writer_retries=int(r.writer_retries), sampler_tries=int(r.sampler_tries),
+        compact_every=int(r.get("compact_every", 5000)),
     )
     plain = OmegaConf.to_container(cfg, resolve=True)
     # the hash names the settings that decide a sample's content, so n / out / resources may change on reruns
@@ -95,6 +96,7 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         spacing=tuple(float(x) for x in cfg.preset.spacing), sampler=sampler, mgm=plain["mgm"],
         schema=str(cfg.schema), preview=bool(cfg.preview), resources=resources, config_hash=config_hash(traced),
         checkpoint_digest=cfg.get("checkpoint_digest") or None,
+        identity={k: v for k, v in traced.items() if k != "checkpoint"},
     )
 
 

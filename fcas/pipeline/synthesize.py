@@ -26,7 +26,9 @@ from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.prepare import PrepareSettings
 from fcas.synthesis.faults import FaultPlan
-from fcas.synthesis.outputs import finished_ids, read_run_manifest, rejected_ids, remove_temporaries
+from fcas.security import safe_child
+from fcas.synthesis.identity import check_identity, library_digest
+from fcas.synthesis.outputs import compact_run, finished_ids, read_run_manifest, rejected_ids, remove_temporaries
 from fcas.synthesis.plan import TemplateLibrary, plan_sample
 from fcas.synthesis.sampler import SamplerSettings, SamplerStage
 from fcas.synthesis.writer import WriterStage
@@ -52,6 +54,7 @@ class Resources:
     actor_max_restarts: int = -1
     actor_task_retries: int = -1
     writer_retries: int = 3
+    compact_every: int = 5000                  # written samples between manifest compactions (0: only at start and end)
     sampler_tries: int = 2
     # Logical CPUs: actors hold theirs for the whole run; the defaults leave a whole CPU of a
     # 2-CPU laptop free for Ray Data's own 1-CPU tasks, or the pipeline would wait forever.
@@ -75,6 +78,7 @@ class SynthesisJob:
     config_hash: str = ""
     faults: FaultPlan | None = None            # tests only: inject failures (fcas.synthesis.faults)
     checkpoint_digest: str | None = None       # refuse a checkpoint with another digest (None: the run's own)
+    identity: dict | None = None               # the content settings recorded in out/run.json (None: config_hash only)
 
     def __post_init__(self) -> None:
         if self.n < 0:
@@ -85,7 +89,7 @@ def template_library(job: SynthesisJob, ray_address: str | None = None) -> Templ
     """The template library: a prepared manifest, or the bundled phantoms prepared once under ``out``."""
     src = job.templates
     if src.startswith("phantom:"):
-        lib_out = storage.join(job.out, "templates")
+        lib_out = safe_child(job.out, "templates")
         cases = storage.join(lib_out, "cases.parquet")
         if not storage.exists(cases):
             settings = PrepareSettings(shape=job.shape, spacing=job.spacing)
@@ -111,13 +115,26 @@ def plan_batch(batch: dict, library: TemplateLibrary, run_seed: int) -> dict:
 def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: bool = True) -> dict:
     """Synthesize samples ``0..n-1`` into ``job.out`` (resuming); returns the run summary."""
     t_start = time.time()
+    # before Ray and any work: nothing the run writes may lead out of out (symlinks), the checkpoint,
+    # and the run's identity (out/run.json)
+    for name in ("manifest", "rejects", "samples", "templates", "summary.json", "run.json"):
+        safe_child(job.out, name)
+    compact_run(job.out)   # a run that stopped before compacting leaves many small shards
+    existing = read_run_manifest(job.out)   # read once: the digest check and the finished ids share it
+    digest = _checked_digest(job, existing)
+    check_identity(job.out, "settings", {"content": job.identity if job.identity is not None else job.config_hash,
+                                         "run_seed": job.run_seed, "shape": list(job.shape),
+                                         "spacing": list(job.spacing), "checkpoint_digest": digest})
     ensure_ray(ray_address)
     library = template_library(job, ray_address)
+    check_identity(job.out, "templates", {"library_digest": library_digest(library),
+                                          "n_templates": len(library.templates),
+                                          "n_references": len(library.references)})
     stale = remove_temporaries(job.out)
     if stale:
         log.info("synthesize: removed %d temporary files an interrupted run left in %s", stale, job.out)
-    digest = _checked_digest(job)
-    done = finished_ids(job.out)
+    done = finished_ids(job.out, existing)
+    del existing
     todo = [i for i in range(job.n) if i not in done]
     log.info("synthesize: %d of %d samples to do (%d already finished) -> %s", len(todo), job.n, len(done), job.out)
     r = job.resources
@@ -140,27 +157,30 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
                                                                  "expected_digest": digest},
                             batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
                             num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus, **actor_retry)
-        ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults),
+        ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults,
+                                        threads=int(r.writer_cpus)),
                             batch_size=r.writer_batch_size, num_cpus=r.writer_cpus,
                             max_retries=r.writer_retries, retry_exceptions=True)
         bar = _progress(len(todo), progress)
+        since_compact = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             arrivals.extend((float(t), 1) for t in batch["finished_at"])
             for s in batch["status"]:
                 counts[str(s)] += 1
             bar.update(len(batch["status"]))
+            since_compact += len(batch["status"])
+            if r.compact_every and since_compact >= r.compact_every:   # keep the shard count bounded
+                compact_run(job.out)
+                since_compact = 0
         bar.close()
+    compact_run(job.out, min_shards=2)
     table = read_run_manifest(job.out)
-    rows = table.to_pylist()
     elapsed = time.time() - t_start
-    n_rejects = len(rejected_ids(job.out) - {int(r["sample_id"]) for r in rows})
-    stage = {}
-    for row in rows:
-        for k, v in (row["timings"] or []):
-            stage[k] = stage.get(k, 0.0) + v
+    written_ids = table.column("sample_id").to_numpy()
+    n_rejects = len(rejected_ids(job.out) - set(written_ids.tolist()))
     summary = {
         "n_requested": job.n,
-        "n_written": len(rows),
+        "n_written": table.num_rows,
         "n_written_this_run": counts["written"],
         "n_rejected": n_rejects,
         "seconds": round(elapsed, 2),
@@ -168,18 +188,29 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
         # after the first batch arrived: start-up (Ray, templates, model loads) excluded
         "first_batch_s": round(min(arrivals)[0] - t_start, 2) if arrivals else None,
         "steady_samples_per_s": _steady_rate(arrivals),
-        "stage_seconds_total": {k: round(v, 3) for k, v in sorted(stage.items())},
+        "stage_seconds_total": _stage_totals(table),
         "peak_rss_mb_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "checkpoint": job.checkpoint,
         "config_hash": job.config_hash,
         "sampler": asdict(job.sampler),
         "out": job.out,
     }
-    storage.atomic_write_bytes(storage.join(job.out, "summary.json"), json.dumps(summary, indent=2).encode())
+    storage.atomic_write_bytes(safe_child(job.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 
 
-def _checked_digest(job: SynthesisJob) -> str:
+def _stage_totals(table) -> dict[str, float]:
+    """Sum of every ``timings`` entry over the manifest, in Arrow (no Python row per sample)."""
+    import pyarrow as pa
+
+    col = table.column("timings").combine_chunks()
+    if len(col) == 0:
+        return {}
+    sums = pa.table({"k": col.keys, "v": col.items}).group_by("k").aggregate([("v", "sum")])
+    return {k: round(v, 3) for k, v in sorted(zip(sums["k"].to_pylist(), sums["v_sum"].to_pylist()))}
+
+
+def _checked_digest(job: SynthesisJob, existing) -> str:
     """The digest of the checkpoint this run loads, refused (``ValueError``) when it differs from
     ``job.checkpoint_digest`` or from the digest the run's existing rows were made with: one run
     never mixes checkpoints. Sampler actors verify what they load against it."""
@@ -189,7 +220,7 @@ def _checked_digest(job: SynthesisJob) -> str:
     if not storage.exists(storage.join(uri, "checkpoint.json")):
         raise ValueError(f"checkpoint {job.checkpoint}: no checkpoint.json (not a complete checkpoint folder)")
     digest = checkpoint_digest(uri)
-    recorded = set(read_run_manifest(job.out).column("checkpoint_digest").to_pylist()) - {None, ""}
+    recorded = set(existing.column("checkpoint_digest").unique().to_pylist()) - {None, ""}
     for want, why in ((job.checkpoint_digest, "checkpoint_digest in the config"),
                       (next(iter(recorded)) if len(recorded) == 1 else None, f"the samples already in {job.out}")):
         if want and want != digest:

@@ -41,8 +41,9 @@ class WriterStage:
     """``map_batches`` callable: sampler output batch -> ``{sample_id, status}`` per row."""
 
     def __init__(self, out: str, sampler_json: str, config_hash: str, preview: bool = True,
-                 faults: FaultPlan | None = None):
+                 faults: FaultPlan | None = None, threads: int = 1):
         self.faults = faults
+        self.threads = max(1, int(threads))
         self.out = out
         self.sampler_json = sampler_json
         self.config_hash = config_hash
@@ -74,7 +75,7 @@ class WriterStage:
                 write_sample(self.out, sid, image, label, conf, affine, None)
                 raise InjectedFault(f"injected writer failure for sample {sid} after its files were written")
             uris = write_sample(self.out, sid, image, label, conf, affine,
-                                self._preview(image, label, conf, affine, sid))
+                                self._preview(image, label, conf, affine, sid), threads=self.threads)
             timings = {k: float(batch[k][i]) for k in _TIMING_KEYS if k in batch}
             timings["write_s"] = time.perf_counter() - t0
             rows.append({
