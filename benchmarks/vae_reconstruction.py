@@ -20,7 +20,6 @@ Means over cases are printed as one table and written as JSON.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fcas.diffusion.conditioning import hu_to_unit  # noqa: E402
-from fcas.metrics.image import rmse, ssim  # noqa: E402
+from fcas.metrics.image import psnr, rmse, ssim  # noqa: E402
 from fcas.models.bundle import load_vae  # noqa: E402
 from fcas.models.networks import VAEConfig  # noqa: E402
 from fcas.models.vae import vae_decode, vae_encode  # noqa: E402
@@ -40,11 +39,6 @@ from fcas.phantom import make_case  # noqa: E402
 
 VESSELS = (6, 7, 8)
 CORONARY = (8,)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    mse = float(F.mse_loss(x.clamp(0, 1), y.clamp(0, 1)))
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
 def scores(recon: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor, label: np.ndarray) -> dict:

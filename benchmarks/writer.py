@@ -45,8 +45,6 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import nibabel as nib  # noqa: E402
-
 from fcas.io import nifti, storage  # noqa: E402
 from fcas.phantom import make_case  # noqa: E402
 from fcas.synthesis.outputs import sample_uris, write_sample  # noqa: E402
@@ -72,14 +70,7 @@ def old_write_sample(out: str, sid: int, image, label, conf, affine) -> None:
             data = np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
         else:
             data = arr.astype(np.uint8)
-        img = nib.Nifti1Image(data, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-        if kind == "label":
-            img.header.set_intent("label")
-        if kind == "fraction":
-            img.header.set_slope_inter(1.0 / nifti.FRACTION_LEVELS, 0.0)
+        img = nifti.nifti_image(data, affine, kind)   # the same header; nibabel's own serialisation
         storage.atomic_write_bytes(uri, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
 
 

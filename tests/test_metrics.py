@@ -155,6 +155,20 @@ def test_rmse_of_a_constant_offset(offset):
     assert rmse(x + offset, x) == pytest.approx(offset, rel=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.01, 0.1])
+def test_psnr_of_a_constant_offset_and_of_identical_images(offset):
+    from fcas.metrics.image import psnr
+
+    x = _image() * 0.5
+    assert psnr(x + offset, x) == pytest.approx(-20 * np.log10(offset), rel=1e-4)
+    assert psnr(x, x) == pytest.approx(120.0)
+    m = np.zeros(x.shape, bool)
+    m[:4] = True
+    y = x.copy()
+    y[~m] += 0.2                      # errors outside the mask do not count
+    assert psnr(y, x, m) == pytest.approx(120.0)
+
+
 def test_masked_metrics_see_only_the_mask():
     x = _image()
     y = x.copy()

@@ -180,11 +180,10 @@ def validation_dice(net: torch.nn.Module, val: FinetuneSet, window, device, n_cl
 
     was_training = net.training
     net.eval()
-    k = n_classes
     per = []
     for i in range(len(val)):
         pred = predict_classes(net, val.image[i:i + 1].to(device), window).cpu()
-        d = compute_dice(one_hot(pred, k), one_hot(val.label[i:i + 1].long(), k), include_background=False,
+        d = compute_dice(one_hot(pred, n_classes), one_hot(val.label[i:i + 1].long(), n_classes), include_background=False,
                          ignore_empty=True)
         per.append(d[0])
     net.train(was_training)

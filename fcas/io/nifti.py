@@ -359,6 +359,20 @@ def _to_kind(array: np.ndarray, kind: str, uri, clip: bool = False) -> np.ndarra
     return a.astype(np.uint8, copy=False)
 
 
+def nifti_image(data: np.ndarray, affine: np.ndarray, kind: str) -> nib.Nifti1Image:
+    """The NIfTI-1 image :func:`write_nifti` stores for ``data`` (already of ``kind``'s dtype): qform and
+    sform from ``affine`` (code 1), mm units, the label intent, the fraction kind's ``scl_slope``."""
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    if kind == "label":
+        img.header.set_intent("label")
+    if kind == "fraction":
+        img.header.set_slope_inter(1.0 / FRACTION_LEVELS, 0.0)
+    return img
+
+
 def _nifti_bytes(img, data: np.ndarray) -> bytes:
     """Single-file NIfTI-1 bytes of ``img`` (whose array is ``data``): what ``img.to_bytes()`` gives."""
     hdr = img.header.copy()
@@ -423,14 +437,7 @@ def write_nifti(
     aff = _check_affine(affine)
     data = _to_kind(arr, kind, uri, clip)
 
-    img = nib.Nifti1Image(data, aff)
-    img.set_qform(aff, code=1)
-    img.set_sform(aff, code=1)
-    img.header.set_xyzt_units("mm")
-    if kind == "label":
-        img.header.set_intent("label")
-    if kind == "fraction":
-        img.header.set_slope_inter(1.0 / FRACTION_LEVELS, 0.0)
+    img = nifti_image(data, aff, kind)
     payload = _nifti_bytes(img, data)
     if compress:
         payload = gzip_bytes(payload, codec, compresslevel)

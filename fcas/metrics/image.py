@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from monai.metrics.regression import compute_ssim_and_cs
 
-__all__ = ["ssim", "ssim_map", "rmse", "abs_error"]
+__all__ = ["ssim", "ssim_map", "rmse", "psnr", "abs_error"]
 
 
 def _vol(x, what: str) -> torch.Tensor:
@@ -91,6 +91,15 @@ def rmse(image, target, mask=None) -> float:
             return math.nan
         d = d[m]
     return float(torch.sqrt(d.to(torch.float64).mean()))
+
+
+def psnr(image, target, mask=None, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, ``20 log10(data_range / RMSE)``, both clipped to ``[0, data_range]``
+    first (as :func:`ssim`), over the ``mask`` voxels (all when ``None``); identical images give 120 dB
+    (the RMSE is floored at ``1e-6 * data_range``)."""
+    a, b, m = _pair(image, target, mask)
+    err = rmse(a.clamp(0, data_range), b.clamp(0, data_range), m)
+    return 20.0 * math.log10(data_range / max(err, 1e-6 * data_range)) if math.isfinite(err) else math.nan
 
 
 def abs_error(image, target) -> np.ndarray:

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from fcas.diffusion.data import CaseArrays, crop_slices, load_cases
 from fcas.diffusion.pairs import step_rng
@@ -95,14 +94,14 @@ def augment_crop(x: torch.Tensor, rng, intensity: bool = False) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_scores(vae: torch.nn.Module, images: torch.Tensor, device) -> dict[str, float]:
     """Mean SSIM (the project's metric) and PSNR (dB, data range 1) of whole-volume reconstructions."""
-    from fcas.metrics.image import ssim
+    from fcas.metrics.image import psnr, ssim
 
     ss, ps = [], []
     for img in images:
         x = img[None].to(device)
         r = vae_decode(vae, vae_encode(vae, x)).clamp(0, 1)
         ss.append(float(ssim(r[0, 0].cpu(), x[0, 0].cpu())))
-        ps.append(float(10 * torch.log10(1.0 / F.mse_loss(r, x).clamp_min(1e-12))))
+        ps.append(psnr(r[0, 0].cpu(), x[0, 0].cpu()))
     return {"val_ssim": sum(ss) / len(ss), "val_psnr": sum(ps) / len(ps)}
 
 

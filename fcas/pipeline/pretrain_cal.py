@@ -165,5 +165,5 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
                "step": load_checkpoint(latest).step if latest else 0, "out": settings.out,
                "last_loss": {s: next((r["loss"] for r in reversed(metrics) if r["stage"] == s), None)
                              for s in ("pretrain", "finetune")}}
-    log.info("pretrain_cal: %s", summary)
+    log.debug("pretrain_cal: %s", summary)   # the job prints its own one-line summary
     return summary

@@ -180,5 +180,5 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     latest = latest_checkpoint(settings.out)
     summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest,
                "step": load_checkpoint(latest).step if latest else 0, "out": settings.out}
-    log.info("train_tcdm: %s", summary)
+    log.debug("train_tcdm: %s", summary)   # the job prints its own one-line summary
     return summary

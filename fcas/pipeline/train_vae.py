@@ -57,5 +57,5 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
                  cpus_per_worker=float(tr.get("cpus_per_worker", 1.0)))
     summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest_checkpoint(settings.out),
                "out": settings.out}
-    log.info("train_vae: %s", summary)
+    log.debug("train_vae: %s", summary)   # the job prints its own one-line summary
     return summary
