@@ -143,7 +143,27 @@ def test_a_rerun_with_another_identity_is_refused_before_any_work(run12, tiny_ch
     assert sorted(p.name for p in alien.iterdir()) == ["run.json"]   # no templates, no Ray session output
 
 
-@pytest.mark.parametrize("folder", ["manifest", "rejects", "templates", "summary.json"])
+def test_an_unreadable_manifest_shard_is_quarantined_and_its_samples_redone(ray_local, tiny_checkpoint,
+                                                                             tiny_templates, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    run_synthesis(_job(out, tiny_checkpoint, 4, templates=tiny_templates, preview=False), progress=False)
+    assert read_run_manifest(str(out)).num_rows == 4
+    # the run ends compacted: one file holds the 4 rows; spoil it (a torn upload, a bad disk block)
+    (shard,) = list(Path(out, "manifest").iterdir())
+    spoiled = shard.read_bytes()[: len(shard.read_bytes()) // 2]
+    shard.write_bytes(spoiled)
+    with pytest.raises(ValueError, match="not a readable Parquet file"):   # other readers refuse it
+        read_run_manifest(str(out))
+    again = run_synthesis(_job(out, tiny_checkpoint, 4, templates=tiny_templates, preview=False), progress=False)
+    assert again["n_written_this_run"] == 4 and again["n_written"] == 4
+    assert sorted(read_run_manifest(str(out)).column("sample_id").to_pylist()) == [0, 1, 2, 3]
+    assert (out / "quarantine" / shard.name).read_bytes() == spoiled
+    shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("folder", ["manifest", "rejects", "templates", "quarantine", "summary.json"])
 def test_a_symlink_out_of_the_run_is_refused_before_any_write(tiny_checkpoint, tmp_path, folder):
     from fcas.security import UnsafePathError
 

@@ -34,6 +34,7 @@ Hand-written row validation; Parquet I/O is pyarrow's.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import uuid
@@ -45,6 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fcas.io import storage
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CASES_SCHEMA",
@@ -257,7 +260,8 @@ def _shard_uris(uri: str) -> list[str]:
     return [uri]
 
 
-def read_table(uri: str | os.PathLike, schema: pa.Schema | str | None = None) -> pa.Table:
+def read_table(uri: str | os.PathLike, schema: pa.Schema | str | None = None,
+               quarantine: str | None = None) -> pa.Table:
     """Read a Parquet file, a directory of shards or a glob into one table.
 
     Args:
@@ -281,15 +285,24 @@ def read_table(uri: str | os.PathLike, schema: pa.Schema | str | None = None) ->
         if target is not None:
             return target.empty_table()
         raise FileNotFoundError(f"no Parquet files at {uri}")
-    return _read_shards(shards, target)
+    return _read_shards(shards, target, quarantine)
 
 
-def _read_shards(shards: list[str], target: pa.Schema | None) -> pa.Table:
-    def one(shard: str) -> pa.Table:
+def _read_shards(shards: list[str], target: pa.Schema | None, quarantine: str | None = None) -> pa.Table:
+    """Read and concatenate ``shards`` (file-name order). An I/O error propagates as it is (transient:
+    the caller fails or retries); a shard whose bytes are not Parquet is refused (``ValueError``) or,
+    with ``quarantine`` (a folder), moved there with a warning and left out, so its samples are redone."""
+    bad: list[tuple[str, bytes, str]] = []
+
+    def one(shard: str) -> pa.Table | None:
+        data = storage.read_bytes(shard)
         try:
-            t = pq.read_table(pa.BufferReader(storage.read_bytes(shard)))
+            t = pq.read_table(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{shard}: not a readable Parquet file: {exc}") from exc
+            if quarantine is None:
+                raise ValueError(f"{shard}: not a readable Parquet file: {exc}") from exc
+            bad.append((shard, data, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            return None
         return _conform(t, target, shard) if target is not None else t
 
     if len(shards) == 1:
@@ -297,6 +310,17 @@ def _read_shards(shards: list[str], target: pa.Schema | None) -> pa.Table:
     else:
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(shards))) as pool:
             tables = list(pool.map(one, shards))   # file-name order; the first error is raised
+    for shard, data, why in bad:
+        name = shard.rstrip("/").rsplit("/", 1)[-1]
+        storage.atomic_write_bytes(storage.join(quarantine, name), data)
+        storage.remove(shard, missing_ok=True)
+        log.warning("%s: not a readable Parquet file (%s); moved to %s, its samples will be redone",
+                    shard, why, quarantine)
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        if target is not None:
+            return target.empty_table()
+        raise ValueError(f"no readable Parquet shard among {len(shards)}")
     if target is not None:
         return pa.concat_tables(tables)
     return pa.concat_tables(tables, promote_options="default")
@@ -314,7 +338,8 @@ def _dedup_last(table: pa.Table, key: str) -> pa.Table:
     return table.take(pa.array(keep))
 
 
-def compact(folder: str, schema: pa.Schema | str, key: str | None = None, min_shards: int = 32) -> dict:
+def compact(folder: str, schema: pa.Schema | str, key: str | None = None, min_shards: int = 32,
+            quarantine: str | None = None) -> dict:
     """Fold the shards of ``folder`` into one compacted Parquet file, then delete the shards read.
 
     Runs when the folder holds at least ``min_shards`` ``part-*`` shards, or more than one compacted
@@ -333,7 +358,7 @@ def compact(folder: str, schema: pa.Schema | str, key: str | None = None, min_sh
     parts = len(shards) - len(gens)
     if parts < min_shards and len(gens) <= 1:
         return {"compacted": False, "shards_read": 0, "rows": 0, "file": None}
-    table = _read_shards(shards, schema)
+    table = _read_shards(shards, schema, quarantine)
     if key is not None:
         table = _dedup_last(table, key)
     gen = max(gens, default=0) + 1
@@ -361,13 +386,14 @@ def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
 
 
 def read_manifest_dedup(
-    uri: str | os.PathLike, key: str = "sample_id", schema: pa.Schema | str | None = None
+    uri: str | os.PathLike, key: str = "sample_id", schema: pa.Schema | str | None = None,
+    quarantine: str | None = None,
 ) -> pa.Table:
     """:func:`read_table`, keeping only the last row of each ``key`` value.
 
     "Last" is in shard file-name order, then row order; kept rows stay in their original order.
     """
-    return _dedup_last(read_table(uri, schema=schema), key)
+    return _dedup_last(read_table(uri, schema=schema, quarantine=quarantine), key)
 
 
 def map_to_dict(value) -> dict | None:

@@ -117,10 +117,10 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     t_start = time.time()
     # before Ray and any work: nothing the run writes may lead out of out (symlinks), the checkpoint,
     # and the run's identity (out/run.json)
-    for name in ("manifest", "rejects", "samples", "templates", "summary.json", "run.json"):
+    for name in ("manifest", "rejects", "samples", "templates", "quarantine", "summary.json", "run.json"):
         safe_child(job.out, name)
     compact_run(job.out)   # a run that stopped before compacting leaves many small shards
-    existing = read_run_manifest(job.out)   # read once: the digest check and the finished ids share it
+    existing = read_run_manifest(job.out, quarantine=True)   # read once: the digest check and the finished ids share it
     digest = _checked_digest(job, existing)
     check_identity(job.out, "settings", {"content": job.identity if job.identity is not None else job.config_hash,
                                          "run_seed": job.run_seed, "shape": list(job.shape),

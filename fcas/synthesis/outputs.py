@@ -101,21 +101,28 @@ def write_shard(out: str, rows: list[dict], schema=SYNTHESIS_SCHEMA, folder: str
     return uri
 
 
-def read_run_manifest(out: str) -> pa.Table:
-    """The run's manifest with duplicate sample ids dropped (last wins); empty if none yet."""
+def read_run_manifest(out: str, quarantine: bool = False) -> pa.Table:
+    """The run's manifest with duplicate sample ids dropped (last wins); empty if none yet.
+
+    ``quarantine`` (the run's own driver only): a shard that is not Parquet is moved to
+    ``out/quarantine/`` with a warning instead of stopping the read; its samples count as not done.
+    """
     uri = storage.join(out, "manifest")
     if not storage.exists(uri):
         return SYNTHESIS_SCHEMA.empty_table()
-    return manifest.read_manifest_dedup(uri, key="sample_id", schema=SYNTHESIS_SCHEMA)
+    return manifest.read_manifest_dedup(uri, key="sample_id", schema=SYNTHESIS_SCHEMA,
+                                        quarantine=safe_child(out, "quarantine") if quarantine else None)
 
 
 def compact_run(out: str, min_shards: int = 32) -> dict:
     """Compact the run's manifest (last row per sample id kept) and rejects (every row kept); see
     :func:`fcas.io.manifest.compact`. Returns ``{"manifest": ..., "rejects": ...}``. Refuses
     (:class:`fcas.security.UnsafePathError`) a folder that leads out of ``out`` (a symlink)."""
+    q = safe_child(out, "quarantine")
     return {"manifest": manifest.compact(safe_child(out, "manifest"), SYNTHESIS_SCHEMA, key="sample_id",
-                                         min_shards=min_shards),
-            "rejects": manifest.compact(safe_child(out, "rejects"), SAMPLE_REJECTS_SCHEMA, min_shards=min_shards)}
+                                         min_shards=min_shards, quarantine=q),
+            "rejects": manifest.compact(safe_child(out, "rejects"), SAMPLE_REJECTS_SCHEMA, min_shards=min_shards,
+                                        quarantine=q)}
 
 
 def rejected_ids(out: str) -> set[int]:
