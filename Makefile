@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test clean weights reproduce
+.PHONY: install demo test clean weights tiny-checkpoint reproduce
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,17 @@ weights: install
 
 # Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md (estimated
 # ~80 min on 2 CPU cores (79.5 min measured from scratch); every stage is cached under outputs/reproduce-full/, so a rerun resumes).
+# The tiny-preset checkpoint (32^3 @ 4 mm) that the documented `preset=tiny` commands use: a plumbing
+# model for tests and smoke runs, not for images (about 3 min on 2 CPU cores).
+tiny-checkpoint: install
+	$(BIN)/python jobs/train_vae.py preset=tiny model=tiny data=phantom:16 out=outputs/weights/vae-tiny \
+	    train.steps=300 train.batch_size=2 train.lr=1e-3 train.checkpoint_every=300 \
+	    trainer.num_workers=1 trainer.cpus_per_worker=2 trainer.progress=false
+	$(BIN)/python jobs/train_tcdm.py preset=tiny model=tiny data=phantom:16 vae=outputs/weights/vae-tiny \
+	    out=outputs/weights/tcdm-tiny train.steps=300 train.lr=3e-4 train.schedule=cosine train.warmup_steps=20 \
+	    train.ema_decay=0.99 train.checkpoint_every=300 trainer.num_workers=1 trainer.cpus_per_worker=2 trainer.progress=false
+	$(BIN)/python -m fcas.models.export outputs/weights/tcdm-tiny checkpoints/tiny
+
 reproduce: install
 	$(BIN)/python jobs/reproduce.py
 
