@@ -328,6 +328,17 @@ def test_fast_serialisation_gives_nibabels_bytes(kind, shape, order):
     assert img.header["qform_code"] == img.header["sform_code"] == 1
 
 
+def test_fast_serialisation_of_a_strided_array():
+    """A uint8 label that is a strided view (no copy by _to_kind) serialises as nibabel's to_bytes does."""
+    base = np.random.default_rng(4).integers(0, 12, (9, 14, 6)).astype(np.uint8)
+    view = base[:, ::2]
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    data = nifti._to_kind(view, "label", "x")
+    assert data.base is not None   # still the view
+    img = nifti.nifti_image(data, _oblique_affine(), "label")
+    assert nifti._nifti_bytes(img, data) == img.to_bytes()
+
+
 def test_fraction_steps_equal_float64_rounding_and_clip():
     rng = np.random.default_rng(5)
     a = np.concatenate([rng.random(600_000), (np.arange(255) + 0.5) / 255, [0.0, 1.0]]).astype(np.float32)

@@ -315,8 +315,9 @@ def _fraction_steps(a: np.ndarray, clip: bool = False, uri="") -> np.ndarray:
 
 
 def _fortran_bytes_into(buf: memoryview, a: np.ndarray) -> None:
-    """Write ``a``'s bytes in Fortran (NIfTI) order into ``buf``: a blocked transpose for 3D arrays
-    (3x faster than ``tobytes(order="F")``, which walks the source with a stride of a whole plane)."""
+    """Write ``a``'s bytes (any memory layout) in Fortran (NIfTI) order into ``buf``: a blocked transpose
+    for 3D arrays (3x faster than ``tobytes(order="F")``, which walks a C-ordered source with a stride
+    of a whole plane)."""
     if a.ndim != 3 or a.flags.f_contiguous:
         buf[:] = a.tobytes(order="F")
         return
@@ -384,7 +385,7 @@ def _nifti_bytes(img, data: np.ndarray) -> bytes:
     head = hdr.binaryblock + b"\x00" * 4   # the empty extension flag
     buf = bytearray(_VOX_OFFSET + data.nbytes)
     buf[:len(head)] = head
-    _fortran_bytes_into(memoryview(buf)[_VOX_OFFSET:], np.ascontiguousarray(data) if not data.flags.f_contiguous else data)
+    _fortran_bytes_into(memoryview(buf)[_VOX_OFFSET:], data)
     return bytes(buf)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fcas.io import storage
+from fcas.models.bundle import tcdm_weights
 from fcas.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["export_inference_checkpoint", "plot_loss_curve"]
@@ -67,16 +68,12 @@ def export_inference_checkpoint(src: str, dst: str, half: bool = True, clip_x0: 
     if uri is None:
         raise ValueError(f"no complete checkpoint at {src}")
     ck = load_checkpoint(uri)
-    parts = {name: ck.state_dict(name) for name in INFERENCE_PARTS if name in ck.files}
-    from fcas.models.bundle import tcdm_weights
-
-    if "unet" in parts and "controlnet" in parts:
-        parts["unet"], parts["controlnet"], source = tcdm_weights(ck)
-    else:
-        source = None
-    missing = {"unet", "controlnet", "vae"} - set(parts)
+    missing = {"unet", "controlnet", "vae"} - set(ck.files)
     if missing:
         raise ValueError(f"{uri} lacks {sorted(missing)}: not a TCDM training checkpoint")
+    # the UNet and ControlNet from tcdm_weights (the EMA when kept), so the raw ones are not read for nothing
+    parts = {name: ck.state_dict(name) for name in INFERENCE_PARTS if name in ck.files and name not in ("unet", "controlnet")}
+    parts["unet"], parts["controlnet"], source = tcdm_weights(ck)
     config = {**ck.config, "exported_from": {"uri": uri, "digest": ck.digest, "step": ck.step},
               "weights_dtype": "float16" if half else "float32", "weights": source,
               "sampling": {**(ck.config.get("sampling") or {}), "clip_x0": clip_x0}}

@@ -18,6 +18,7 @@ import json
 from typing import Any, Mapping
 
 from fcas.io import storage
+from fcas.security import safe_child
 
 __all__ = ["IDENTITY_FILE", "library_digest", "check_identity", "identity_diff"]
 
@@ -51,8 +52,6 @@ def identity_diff(recorded: Mapping, current: Mapping, limit: int = 3) -> list[s
 def check_identity(out: str, part: str, value: Mapping[str, Any]) -> dict:
     """Record ``value`` as section ``part`` of ``out/run.json`` if the run has none yet, else refuse
     (``ValueError``, one line) when it differs from what the run recorded. Returns the whole identity."""
-    from fcas.security import safe_child
-
     uri = safe_child(out, IDENTITY_FILE)
     ident: dict = {"version": VERSION}
     if storage.exists(uri):
