@@ -10,10 +10,13 @@ that must not carry credentials.
   backslashes, percent escapes (``%2e%2e``, ``%2f``), control characters, and, for local roots,
   a symlink on the way that leads out of the root.
 * :func:`find_credentials` / :func:`refuse_credentials` scan a (Hydra) config for credential keys
-  (``aws_secret_access_key``, ``secret``, ``token``, ``password``, ...), values that look like AWS
-  access keys or secret keys, URIs with a ``user:password@`` part, and ``${oc.env:...}``
-  interpolations of credential variables. Credentials come from the environment only (see
-  :mod:`fcas.io.storage`); the error names the config path, never the value.
+  (``aws_secret_access_key``, ``awsSecretAccessKey``, ``secret``, ``token``, ``password``, ...; with a
+  value, a nested dict or list included), values that look like AWS access keys or secret keys, URIs
+  with a ``user:password@`` part, ``Bearer`` tokens, and ``${oc.env:...}`` interpolations of
+  credential variables. :func:`credential_overrides` / :func:`refuse_credential_overrides` do the
+  same on raw command-line overrides, before Hydra can echo them (every ``jobs/*.py`` runs it, see
+  :func:`fcas.pipeline.cli.user_errors`). Credentials come from the environment only (see
+  :mod:`fcas.io.storage`); the errors name the config path or override key, never the value.
 
 Hand-written: nothing in MONAI, fsspec or Hydra does these checks.
 """
@@ -23,7 +26,7 @@ import hashlib
 import os
 import posixpath
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from fsspec.core import split_protocol
 
@@ -38,6 +41,8 @@ __all__ = [
     "safe_child",
     "find_credentials",
     "refuse_credentials",
+    "credential_overrides",
+    "refuse_credential_overrides",
 ]
 
 MAX_ID_LEN = 128
@@ -152,23 +157,36 @@ def safe_child(root: str | os.PathLike, *parts: str) -> str:
 
 # ---- credentials -------------------------------------------------------------------------------
 _CRED_KEYS = {
-    "key", "secret", "token", "password", "passwd", "pwd", "credentials", "credential",
+    "key", "secret", "token", "password", "passwd", "pwd", "credentials", "credential", "authorization",
     "access_key", "access_key_id", "secret_key", "secret_access_key", "session_token", "security_token",
     "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_security_token",
-    "api_key", "apikey", "client_secret", "private_key", "auth_token", "bearer_token",
+    "api_key", "apikey", "client_secret", "private_key", "auth_token", "bearer_token", "access_token",
+    "refresh_token", "id_token",
 }
 _CRED_SUFFIXES = ("_secret", "_password", "_passwd", "_token", "_secret_key", "_access_key",
                   "_access_key_id", "_api_key", "_private_key", "_credentials")
+# the same names written without separators ("secretkey", "accesstoken", "awssecretaccesskey")
+_CRED_COMPACT = {k.replace("_", "") for k in _CRED_KEYS}
+_CRED_COMPACT_SUFFIXES = tuple(s.replace("_", "") for s in _CRED_SUFFIXES)
 _CRED_ENV = re.compile(r"\$\{\s*oc\.env\s*:\s*([A-Za-z_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|API_KEY)[A-Za-z_]*)",
                        re.IGNORECASE)
 _AWS_KEY_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AIDA|AROA|AIPA|ANPA|ANVA|AGPA)[A-Z0-9]{16}(?![A-Z0-9])")
 _SECRET_LIKE = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
-_URI_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
+_URI_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]*@")   # anywhere in the text
+_BEARER = re.compile(r"\bbearer\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE)
+# "name: value" / "name=value" inside a string (a dict or list written on the command line, a header);
+# an empty value, null or '' does not count
+_EMBEDDED_KEY = re.compile(r"(?<![\w-])([A-Za-z_][\w-]*)['\"]?\s*[:=]\s*(?!null\b|none\b|~|''|\"\"|[,}\]\s]|$)",
+                           re.IGNORECASE)
 
 
-def _is_cred_key(key: str) -> bool:
-    k = re.sub(r"[^a-z0-9]+", "_", str(key).lower()).strip("_")
-    return k in _CRED_KEYS or k.endswith(_CRED_SUFFIXES)
+def _is_cred_key(key: Any) -> bool:
+    """``aws_secret_access_key``, ``awsSecretAccessKey``, ``AWS-SECRET-ACCESS-KEY``, ``secretkey``, ``db_password``"""
+    k = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", str(key))   # camelCase -> camel_Case
+    k = re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_")
+    compact = k.replace("_", "")
+    return (k in _CRED_KEYS or k.endswith(_CRED_SUFFIXES)
+            or compact in _CRED_COMPACT or compact.endswith(_CRED_COMPACT_SUFFIXES))
 
 
 def _looks_like_secret(text: str) -> bool:
@@ -180,6 +198,32 @@ def _looks_like_secret(text: str) -> bool:
         if re.search(r"[a-z]", tok) and re.search(r"[A-Z]", tok) and re.search(r"[0-9]", tok):
             return True
     return False
+
+
+def _value_finding(text: str) -> str | None:
+    """Why the string ``text`` holds (or pulls in) a credential, or None."""
+    if _CRED_ENV.search(text):
+        return "interpolates a credential environment variable"
+    if _AWS_KEY_ID.search(text):
+        return "value looks like an AWS access key id"
+    if _URI_USERINFO.search(text):
+        return "URI with user:password@"
+    if _BEARER.search(text):
+        return "bearer token"
+    if any(_is_cred_key(m.group(1)) for m in _EMBEDDED_KEY.finditer(text)):
+        return "holds a credential key with a value"
+    if _looks_like_secret(text):
+        return "value looks like a 40-character secret key"
+    return None
+
+
+def _filled(value: Any) -> bool:
+    """A value that is not empty: not None/'' and, for a dict or list, some leaf that is not empty."""
+    if isinstance(value, Mapping):
+        return any(_filled(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_filled(v) for v in value)
+    return value not in (None, "")
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
@@ -199,8 +243,11 @@ def find_credentials(config: Any) -> list[str]:
 
     ``config``: a mapping (a plain dict or an OmegaConf ``DictConfig``; walked unresolved, so an
     ``${oc.env:AWS_SECRET_ACCESS_KEY}`` interpolation is caught without reading the variable).
-    Keys with an empty/None value are allowed (a template may name them to say "from the
-    environment"); the messages never contain a value.
+    A credential key (any case or spelling, ``awsSecretAccessKey`` too) counts when its value is
+    not empty, a dict or list with a non-empty leaf included; keys with an empty/None value are
+    allowed (a template may name them to say "from the environment"). String values are searched
+    for access keys, secret-shaped tokens, ``user:password@`` in any URI, ``Bearer`` tokens and
+    ``name: value`` pairs of credential names. The messages never contain a value.
     """
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -212,19 +259,12 @@ def find_credentials(config: Any) -> list[str]:
     found: list[str] = []
     for path, key, value in _walk(config, ""):
         if key is not None:
-            if _is_cred_key(key) and value not in (None, "", {}, []) and not isinstance(value, (Mapping, list, tuple)):
+            if _is_cred_key(key) and _filled(value):
                 found.append(f"{path}: credential key")
             continue
-        if not isinstance(value, str):
-            continue
-        if _CRED_ENV.search(value):
-            found.append(f"{path}: interpolates a credential environment variable")
-        elif _AWS_KEY_ID.search(value):
-            found.append(f"{path}: value looks like an AWS access key id")
-        elif _URI_USERINFO.match(value):
-            found.append(f"{path}: URI with user:password@")
-        elif _looks_like_secret(value):
-            found.append(f"{path}: value looks like a 40-character secret key")
+        why = _value_finding(value) if isinstance(value, str) else None
+        if why:
+            found.append(f"{path}: {why}")
     return sorted(set(found))
 
 
@@ -235,4 +275,40 @@ def refuse_credentials(config: Any, source: str = "config") -> None:
         raise CredentialsInConfigError(
             f"{source} holds credentials ({'; '.join(found)}); remove them and set them in the environment "
             "instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or a profile / instance role)"
+        )
+
+
+def credential_overrides(args: Sequence[str]) -> list[str]:
+    """The command-line arguments (Hydra overrides such as ``+a.b=v``, flags) that carry credentials,
+    each as ``"<key>=<redacted> (<why>)"``: the key named, the value never.
+
+    Meant for ``sys.argv[1:]`` before Hydra parses it: Hydra echoes override values in its errors
+    ("Could not override 'aws_secret_access_key'", "Error executing job with overrides: [...]") and
+    saves them to ``.hydra/overrides.yaml``. Works on the raw text, so an override Hydra could not
+    parse is checked too: a credential key anywhere in the key path with a non-empty value, and
+    the value (or a flag / bare argument) searched as :func:`find_credentials` searches strings.
+    """
+    found: list[str] = []
+    for i, arg in enumerate(args, start=1):
+        key, sep, value = str(arg).partition("=")
+        if sep and not key.startswith("-"):
+            parts = re.split(r"[./]", key.lstrip("+~").split("@", 1)[0])
+            filled = value.strip() not in ("", "null", "''", '""', "[]", "{}")
+            why = "credential key" if filled and any(_is_cred_key(p) for p in parts) else _value_finding(value)
+            shown = key
+        else:                        # --config-dir=DIR, -cd DIR, a bare value
+            why = _value_finding(str(arg))
+            shown = key if sep else f"argument {i}"
+        if why:
+            found.append(f"{shown}=<redacted> ({why})" if sep else f"{shown} <redacted> ({why})")
+    return found
+
+
+def refuse_credential_overrides(args: Sequence[str]) -> None:
+    """:class:`CredentialsInConfigError` naming (never showing) the arguments :func:`credential_overrides` finds."""
+    found = credential_overrides(args)
+    if found:
+        raise CredentialsInConfigError(
+            f"{'; '.join(found)}: credentials do not belong in overrides; use the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) / an AWS profile or instance role"
         )

@@ -277,6 +277,75 @@ def test_failed_s3_write_leaves_no_object(s3_uri):
     assert not storage.exists(uri)
 
 
+def _bucket_names() -> list[str]:
+    import boto3
+
+    return sorted(b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"])
+
+
+@S3
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])   # s3fs would create / send a LocationConstraint
+def test_s3_makedirs_and_writes_never_create_a_bucket(s3_server, monkeypatch, region):
+    """makedirs, an atomic write, a Parquet table and open_file(wb) into a mistyped bucket: one clear
+    BucketNotFoundError (a FileNotFoundError, so a job's one-line user error) naming it, and no bucket."""
+    import uuid
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+    before = _bucket_names()
+    missing = f"fcas-missing-{uuid.uuid4().hex[:8]}"
+    run = f"s3://{missing}/run"
+    writes = {
+        "makedirs": lambda: storage.makedirs(storage.join(run, "cases")),
+        "makedirs bucket": lambda: storage.makedirs(f"s3://{missing}"),
+        "atomic_write_bytes": lambda: storage.atomic_write_bytes(storage.join(run, "a.json"), b"{}"),
+        "write_table": lambda: write_table(storage.join(run, "rejects.parquet"), [], REJECTS_SCHEMA),
+        "open_file": lambda: storage.open_file(storage.join(run, "b.bin"), "wb"),
+    }
+    for what, write in writes.items():
+        with pytest.raises(storage.BucketNotFoundError) as exc:
+            write()
+        assert isinstance(exc.value, FileNotFoundError), what
+        assert str(exc.value) == (f"s3://{missing}: bucket does not exist (FCaS never creates buckets; "
+                                  "create it first)"), what
+    assert _bucket_names() == before and missing not in before
+
+
+@S3
+def test_s3_makedirs_inside_an_existing_bucket_is_fine(s3_server, s3_uri):
+    storage.makedirs(s3_server)                                               # the bucket itself
+    storage.makedirs(storage.join(s3_uri, "cases", "deeper"))                 # a prefix: nothing to create
+    storage.atomic_write_bytes(storage.join(s3_uri, "cases", "deeper", "a.bin"), b"a")
+    with storage.open_file(storage.join(s3_uri, "b.bin"), "wb") as fh:
+        fh.write(b"b")
+    assert storage.read_bytes(storage.join(s3_uri, "cases", "deeper", "a.bin")) == b"a"
+    assert storage.read_bytes(storage.join(s3_uri, "b.bin")) == b"b"
+
+
+@S3
+@pytest.mark.parametrize("job, args", [
+    ("prepare", ["source=phantom:1", "preset=tiny"]),
+    ("synthesize", ["preset=tiny", "n=2", "checkpoint=checkpoints/tiny", "templates=phantom:4"]),
+])
+def test_job_into_a_missing_bucket_exits_2_with_one_line_before_any_work(s3_server, job, args):
+    """``out=s3://<typo>/run``: the first write (prepare's makedirs, synthesize's run.json) stops the
+    job with the one-line reason, exit status 2, before Ray starts; the bucket is not created."""
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    missing = f"fcas-typo-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, f"jobs/{job}.py", f"out=s3://{missing}/run", *args],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == (f"{job}: s3://{missing}: bucket does not exist (FCaS never creates buckets; "
+                           "create it first)\n")
+    assert missing not in _bucket_names()
+
+
 def test_gzip_output_is_deterministic(tmp_path):
     arr = _volume("image")
     a, b = str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")

@@ -31,6 +31,7 @@ from fcas.security import (
     CredentialsInConfigError,
     UnsafePathError,
     check_id,
+    credential_overrides,
     find_credentials,
     safe_child,
     sanitize_id,
@@ -335,6 +336,167 @@ def test_empty_credential_keys_and_look_alikes_are_allowed():
                              "hash": "a" * 40}) == []
 
 
+V = "fcasLeakedValue7"   # a value that must never be echoed
+BYPASSES = [   # issue 16 item 5: config shapes the first scanner let through -> the finding
+    ({"aws_secret_access_key": [V]}, "aws_secret_access_key: credential key"),
+    ({"aws_secret_access_key": {"nested": V}}, "aws_secret_access_key: credential key"),
+    ({"storage": {"opts": [{"secret": V}]}}, "storage.opts[0].secret: credential key"),
+    ({"awsSecretAccessKey": V}, "awsSecretAccessKey: credential key"),
+    ({"AWSSecretAccessKey": V}, "AWSSecretAccessKey: credential key"),
+    ({"s3": {"secretKey": V}}, "s3.secretKey: credential key"),
+    ({"accessToken": V}, "accessToken: credential key"),
+    ({"apiKey": V}, "apiKey: credential key"),
+    ({"sessionToken": V}, "sessionToken: credential key"),
+    ({"password": V}, "password: credential key"),
+    ({"clientSecret": V}, "clientSecret: credential key"),
+    ({"secretkey": V}, "secretkey: credential key"),
+    ({"headers": {"Authorization": f"Basic {V}"}}, "headers.Authorization: credential key"),
+    ({"header": f"Authorization: Bearer {V}"}, "header: bearer token"),
+    ({"notes": f"Bearer {V}"}, "notes: bearer token"),
+    ({"out": f"s3://u:{V}@host/x"}, "out: URI with user:password@"),
+    ({"hub": f"https://user:{V}@host"}, "hub: URI with user:password@"),
+    ({"db": f"postgres://fcas:{V}@db:5432/x"}, "db: URI with user:password@"),
+    ({"cmd": f"clone https://user:{V}@host/repo"}, "cmd: URI with user:password@"),
+    ({"mirrors": ["s3://bucket/a", f"ftp://a:{V}@h/b"]}, "mirrors[1]: URI with user:password@"),
+    ({"notes": f"{{aws_secret_access_key: {V}}}"}, "notes: holds a credential key with a value"),
+]
+
+
+@pytest.mark.parametrize("config, finding", BYPASSES)
+def test_find_credentials_closes_the_known_bypasses(config, finding):
+    found = find_credentials(config)
+    assert finding in found
+    assert not any(V in f for f in found)
+
+
+def test_empty_nested_credential_keys_and_more_look_alikes_are_allowed():
+    assert find_credentials({"aws_secret_access_key": [], "secret": {"a": None}, "key": [None, ""],
+                             "tokenizer": "bpe", "num_tokens": 3, "hotkey": "x", "monkey": "y",
+                             "url": "https://host:8443/x?a=1", "email": "user@host", "bearer": None,
+                             "notes": "{template: 0.5, key: null}", "mode": "basic"}) == []
+
+
+ARGV_BYPASSES = [   # command-line overrides -> the key credential_overrides names
+    (f"+aws_secret_access_key=[{V}]", "+aws_secret_access_key"),
+    (f"+storage={{aws_secret_access_key: {V}}}", "+storage"),
+    (f"+storage=[{{secret: {V}}}]", "+storage"),
+    (f"+awsSecretAccessKey={V}", "+awsSecretAccessKey"),
+    (f"+s3.secretKey={V}", "+s3.secretKey"),
+    (f"+accessToken={V}", "+accessToken"),
+    (f"+apiKey={V}", "+apiKey"),
+    (f"+sessionToken={V}", "+sessionToken"),
+    (f"+db.password={V}", "+db.password"),
+    (f"+clientSecret={V}", "+clientSecret"),
+    (f"+headers=Authorization: Bearer {V}", "+headers"),
+    (f"+notes=Bearer {V}", "+notes"),
+    (f"out=s3://u:{V}@host/x", "out"),
+    (f"+hub=https://user:{V}@host", "+hub"),
+    (f"+db=postgres://fcas:{V}@db:5432/x", "+db"),
+    (f"aws_secret_access_key={V}", "aws_secret_access_key"),          # no '+': Hydra would echo it
+    (f"hydra.job.env_set.AWS_SECRET_ACCESS_KEY={V}", "hydra.job.env_set.AWS_SECRET_ACCESS_KEY"),
+    (f"+x={{apiKey: {V}", "+x"),                                       # unparseable: Hydra would echo it
+    (f"--config-dir=https://u:{V}@host/cfg", "--config-dir"),
+]
+
+
+@pytest.mark.parametrize("arg, key", ARGV_BYPASSES)
+def test_credential_overrides_name_the_key_never_the_value(arg, key):
+    found = credential_overrides(["n=3", arg])
+    assert len(found) == 1 and found[0].startswith(f"{key}=<redacted> (") and V not in found[0]
+
+
+def test_credential_overrides_pass_ordinary_arguments():
+    assert credential_overrides(["n=3", "out=s3://bucket/run", "--multirun", "-cd", "configs", "~preview",
+                                 "hydra.run.dir=outputs/${now:%H-%M}", "splits={template: 0.5, reference: 0.5}",
+                                 "train.crop=[128,128,128]", "images=*_image.nii.gz", "+storage.key=",
+                                 "+storage.secret=null", "source=dir:/data/mmwhs", "token_count=3"]) == []
+    assert credential_overrides([f"s3://u:{V}@host/x"]) == ["argument 1 <redacted> (URI with user:password@)"]
+
+
+def test_every_job_checks_credentials_through_user_errors():
+    """Each jobs/*.py main is ``@hydra.main`` over ``@user_errors(<job>)``: user_errors refuses
+    credential overrides before Hydra parses sys.argv and the composed config before the job runs."""
+    jobs = sorted((ROOT / "jobs").glob("*.py"))
+    assert {p.stem for p in jobs} >= {"evaluate", "export_nnunet", "plan", "prepare", "pretrain_cal", "reproduce",
+                                      "synthesize", "train_tcdm", "train_vae"}
+    for path in jobs:
+        mains = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        assert len(mains) == 1, path
+        decorators = [ast.unparse(d) for d in mains[0].decorator_list]
+        assert len(decorators) == 2 and decorators[0].startswith("hydra.main("), (path, decorators)
+        assert decorators[1] == f"user_errors('{path.stem}')", (path, decorators)
+
+
+def _run_job(job: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}   # even with full errors: one line, no traceback
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, f"jobs/{job}.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=kw.get("timeout", 120))
+
+
+def _assert_refused_without_echo(proc: subprocess.CompletedProcess, job: str, values: list[str]) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{job}: "), proc.stderr[-2000:]
+    assert "<redacted>" in lines[0] and "credentials do not belong in overrides" in lines[0]
+    assert proc.stdout == ""
+    for value in values:
+        assert value not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("arg, key", ARGV_BYPASSES)
+def test_plan_refuses_each_credential_override_without_echoing_it(arg, key):
+    proc = _run_job("plan", "n=10", arg)
+    _assert_refused_without_echo(proc, "plan", [V])
+    assert f"{key}=<redacted>" in proc.stderr
+
+
+@pytest.mark.parametrize("job", ["export_nnunet", "synthesize"])
+def test_heavier_jobs_refuse_credential_overrides_before_hydra(job, tmp_path):
+    """Every bypass at once, each with its own value: one line naming them all, no value, and
+    Hydra never ran (no run directory, no .hydra/overrides.yaml)."""
+    values = [f"fcasLeak{i:02d}{uuid.uuid4().hex[:8]}" for i in range(len(ARGV_BYPASSES))]
+    args = [arg.replace(V, v) for (arg, _), v in zip(ARGV_BYPASSES, values)]
+    proc = _run_job(job, f"hydra.run.dir={tmp_path / 'run'}", *args, timeout=300)
+    _assert_refused_without_echo(proc, job, values)
+    assert all(f"{key}=<redacted>" in proc.stderr for _, key in ARGV_BYPASSES)
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_refuses_credentials_in_a_config_file(tmp_path):
+    """A config file (not an override) with a secret: the composed config is refused before the job
+    runs, for a job (plan) that has no check of its own; the message names the path, not the value."""
+    (tmp_path / "mine.yaml").write_text(f"defaults:\n  - plan\n  - _self_\nstorage:\n  secretKey: {V}\n")
+    proc = subprocess.run([sys.executable, "jobs/plan.py", f"--config-dir={tmp_path}", "--config-name=mine", "n=10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plan: the plan config holds credentials (storage.secretKey")
+    assert V not in proc.stdout + proc.stderr
+
+
+def test_user_errors_refuses_a_config_with_credentials_even_with_full_errors(capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from fcas.pipeline.cli import user_errors
+
+    ran = []
+
+    @user_errors("demo")
+    def main(cfg):
+        ran.append(cfg)
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(SystemExit) as exc:
+        main(OmegaConf.create({"n": 1, "s3": {"apiKey": V}}))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ran == [] and V not in err
+    assert err.startswith("demo: the demo config holds credentials (s3.apiKey: credential key)")
+    assert err.count("\n") == 1
+    main(OmegaConf.create({"n": 1}))
+    assert len(ran) == 1
+
+
 # ---- credentials never leak into outputs or logs ------------------------------------------------
 def _texts_of(uri: str) -> dict[str, bytes]:
     """Every file under ``uri`` -> its bytes, plus the gunzipped bytes of .gz files and the decoded
@@ -449,6 +611,6 @@ def test_cli_refuses_a_config_with_credentials_without_echoing_it(monkeypatch, c
     assert exc.value.code == 2
     out = capsys.readouterr()
     text = out.out + out.err
-    assert "CredentialsInConfigError" in text and "aws_secret_access_key: credential key" in text
-    assert "environment" in text
+    assert out.err.startswith("prepare: +aws_secret_access_key=<redacted> (credential key): credentials do not belong")
+    assert "environment" in text and out.err.count("\n") == 1
     assert value not in text and "Error executing job" not in text

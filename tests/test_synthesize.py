@@ -205,3 +205,86 @@ def test_decode_window_comes_from_the_preset_and_only_changes_the_decode(tiny_ch
     assert 0 < diff.max() and diff.mean() < 0.25 * np.abs(whole["image"]).mean()
     assert np.array_equal(windowed["confidence"], whole["confidence"])   # latent SSV never decodes
     assert np.array_equal(windowed["label"], whole["label"])
+
+
+def test_a_second_driver_on_one_out_is_refused_before_any_work(ray_local, tiny_checkpoint, tiny_templates, tmp_path):
+    """A resubmitted job while the first driver lives: one line naming the holder, nothing written; once
+    the holder is gone (here: its process ends without releasing) the next driver takes over and the run
+    ends with exactly n unique rows."""
+    import subprocess
+    import sys
+
+    from fcas.synthesis.lease import LeaseHeld, read_lease
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from fcas.synthesis.lease import acquire_lease; "
+                               "acquire_lease(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld, match=f"another driver is running this run .*pid {holder.pid}"):
+            run_synthesis(_job(out, tiny_checkpoint, 3, templates=tiny_templates, preview=False), progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["lease.json"]   # no manifest, samples or run.json
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = run_synthesis(_job(out, tiny_checkpoint, 3, templates=tiny_templates, preview=False), progress=False)
+    ids = read_run_manifest(str(out)).column("sample_id").to_pylist()
+    assert summary["n_written_this_run"] == 3 and sorted(ids) == [0, 1, 2]
+    assert read_lease(str(out)) is None                    # released at the end
+
+
+def test_ids_stream_as_ranges_and_finished_ids_are_skipped():
+    from fcas.pipeline.synthesize import expand_and_plan, id_ranges
+    from fcas.synthesis.plan import CaseRef, TemplateLibrary
+
+    ranges = id_ranges(10_000_000)
+    assert len(ranges) == 1000 and ranges[0] == {"start": 0, "stop": 10_000} and ranges[-1]["stop"] == 10_000_000
+    assert id_ranges(5) == [{"start": i, "stop": i + 1} for i in range(5)] and id_ranges(0) == []
+    refs = tuple(CaseRef(f"t{i}", f"/x/t{i}.nii.gz", f"/x/t{i}-label.nii.gz") for i in range(3))
+    lib = TemplateLibrary(refs, refs)
+    batch = {"start": np.array([0, 10]), "stop": np.array([6, 12])}
+    out = expand_and_plan(batch, lib, 0, done=np.array([1, 4, 11], dtype=np.int64))
+    assert out["sample_id"].tolist() == [0, 2, 3, 5, 10]
+
+
+def test_checks_before_work_refuse_a_wrong_preset_a_broken_library_and_an_out_that_is_a_file(
+        tiny_checkpoint, tiny_templates, tmp_path):
+    """Each mistake is refused before out is created, Ray starts or a template is prepared."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    demo = load_preset("demo")
+    out = tmp_path / "run"
+    wrong = SynthesisJob(n=2, out=str(out), checkpoint=tiny_checkpoint, templates=tiny_templates,
+                         shape=demo.shape, spacing=demo.spacing)
+    with pytest.raises(ValueError, match=r"trained at spacing \(4.0, 4.0, 4.0\) mm \(preset tiny\), the job samples "
+                                         r"at \(2.0, 2.0, 2.0\) mm; use preset=tiny"):
+        run_synthesis(wrong, progress=False)
+    assert not out.exists()
+    # a library whose files were deleted, and one whose labels have no cardiac class
+    lib = tmp_path / "lib"
+    shutil.copytree(Path(tiny_templates).parent, lib)
+    table = pq.read_table(lib / "cases.parquet")
+    rows = table.to_pylist()
+    for r in rows:
+        r["image_uri"] = r["image_uri"].replace(str(Path(tiny_templates).parent), str(lib))
+        r["label_uri"] = r["label_uri"].replace(str(Path(tiny_templates).parent), str(lib))
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), lib / "cases.parquet")
+    Path(rows[0]["image_uri"]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 template/reference file\(s\) missing, e.g. .*"):
+        run_synthesis(_job(out, tiny_checkpoint, 2, templates=str(lib / "cases.parquet")), progress=False)
+    for r in rows:
+        r["class_voxels"] = [("soft_tissue", 100)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), lib / "cases.parquet")
+    Path(rows[0]["image_uri"]).write_bytes(b"")
+    with pytest.raises(ValueError, match="has no voxels of any cardiac class"):
+        run_synthesis(_job(out, tiny_checkpoint, 2, templates=str(lib / "cases.parquet")), progress=False)
+    assert not out.exists()
+    out.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        run_synthesis(_job(out, tiny_checkpoint, 2, templates=tiny_templates), progress=False)

@@ -12,6 +12,11 @@ instance roles) applies. The endpoint is passed to s3fs explicitly because s3fs 
 ``AWS_ENDPOINT_URL`` itself. s3fs listing caches are switched off (``use_listings_cache=False``):
 many processes write the same prefixes, and a cached listing would hide their files.
 
+Buckets are never created: s3fs's ``makedirs`` would create a bucket for a mistyped name (or,
+with a region set, fail with a misleading "location-constraint is not valid"). On S3,
+:func:`makedirs` only checks that the bucket exists, and a write into a missing bucket raises
+:class:`BucketNotFoundError` (a ``FileNotFoundError``, so a job ends with one line and status 2).
+
 Writes are atomic: :func:`atomic_write_bytes` writes a temporary file in the destination
 directory and ``os.replace``-s it locally; on object stores a single PUT (or a multipart
 upload, completed in one call) never exposes a partial object.
@@ -30,6 +35,7 @@ import fsspec
 from fsspec.core import split_protocol
 
 __all__ = [
+    "BucketNotFoundError",
     "get_fs",
     "s3_storage_options",
     "is_local",
@@ -49,6 +55,28 @@ __all__ = [
 
 _LOCAL_PROTOCOLS = ("file", "local")
 _S3_PROTOCOLS = ("s3", "s3a")
+
+
+class BucketNotFoundError(FileNotFoundError):
+    """A makedirs or write under ``s3://<bucket>/`` whose bucket does not exist (FCaS never creates buckets)."""
+
+
+def _require_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """:class:`BucketNotFoundError` when the bucket of the S3 ``path`` (``bucket/key``) answers HEAD with 404.
+
+    Any other answer (403 for a bucket this identity may not HEAD, a redirect) passes: the write
+    itself then reports what is wrong.
+    """
+    bucket = path.split("/", 1)[0]
+    if not bucket:
+        raise ValueError(f"s3 path {path!r} names no bucket")
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise BucketNotFoundError(
+            f"s3://{bucket}: bucket does not exist (FCaS never creates buckets; create it first)") from None
+    except OSError:
+        pass
 
 
 def _protocol(uri: str) -> str | None:
@@ -174,8 +202,15 @@ def isdir(uri: str | os.PathLike) -> bool:
 
 
 def makedirs(uri: str | os.PathLike) -> None:
-    """Create a directory and its parents; no-op when it exists (and for S3 prefixes)."""
+    """Create a directory and its parents; no-op when it exists.
+
+    S3 has no directories: only the bucket is checked (:class:`BucketNotFoundError` when it is
+    missing), and never created, unlike s3fs's own ``makedirs``.
+    """
     fs, path = get_fs(uri)
+    if _protocol(os.fspath(uri)) in _S3_PROTOCOLS:
+        _require_bucket(fs, path)
+        return
     fs.makedirs(path, exist_ok=True)
 
 
@@ -206,7 +241,8 @@ def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray | memoryv
     directory (``.<name>.<random>.tmp``), are flushed and fsync-ed, then ``os.replace``-d onto the
     final name; on any error the temporary file is removed and no file appears under the final
     name (an existing one is left untouched). Object stores: one ``pipe_file`` call, a single PUT
-    (multipart completed in one request above 100 MiB), which S3 makes visible atomically.
+    (multipart completed in one request above 100 MiB), which S3 makes visible atomically; into a
+    missing S3 bucket it raises :class:`BucketNotFoundError` (checked only after a failed PUT).
     """
     uri = os.fspath(uri)
     fs, path = get_fs(uri)
@@ -228,7 +264,12 @@ def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray | memoryv
                 pass
             raise
         return
-    fs.pipe_file(path, bytes(data))
+    try:
+        fs.pipe_file(path, bytes(data))
+    except FileNotFoundError:   # a PUT answers 404 only for a missing bucket: say so
+        if _protocol(uri) in _S3_PROTOCOLS:
+            _require_bucket(fs, path)
+        raise
     fs.invalidate_cache(path)
 
 
@@ -284,7 +325,10 @@ def remove_many(uris: list[str]) -> None:
 def open_file(uri: str | os.PathLike, mode: str = "rb", **kwargs: Any):
     """``fs.open`` on ``uri``: a file object for streaming reads (e.g. headers only).
 
-    Writes through this bypass the atomic path; prefer :func:`atomic_write_bytes`.
+    Writes through this bypass the atomic path; prefer :func:`atomic_write_bytes`. Opening an S3
+    object for writing checks its bucket first (:class:`BucketNotFoundError`).
     """
     fs, path = get_fs(uri)
+    if _protocol(os.fspath(uri)) in _S3_PROTOCOLS and any(c in mode for c in "wax+"):
+        _require_bucket(fs, path)
     return fs.open(path, mode, **kwargs)

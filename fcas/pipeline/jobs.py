@@ -52,7 +52,7 @@ def prepare_job_from_cfg(cfg: DictConfig):
         out=str(cfg.out),
         settings=settings,
         images=str(cfg.images),
-        labels=str(cfg.labels),
+        labels=cfg.labels,               # one glob, or {label source: glob}
         schema=str(cfg.schema),
         splits=tuple((str(k), float(v)) for k, v in cfg.splits.items()),
         seed=int(cfg.seed),
@@ -85,7 +85,7 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         writer_cpus=float(r.writer_cpus), plan_cpus=float(r.plan_cpus), writer_batch_size=int(r.writer_batch_size),
         actor_max_restarts=int(r.actor_max_restarts), actor_task_retries=int(r.actor_task_retries),
         writer_retries=int(r.writer_retries), sampler_tries=int(r.sampler_tries),
-        compact_every=int(r.get("compact_every", 5000)),
+        compact_every=int(r.get("compact_every", 5000)), lease_ttl=float(r.get("lease_ttl", 120.0)),
     )
     plain = OmegaConf.to_container(cfg, resolve=True)
     # the hash names the settings that decide a sample's content, so n / out / resources may change on reruns

@@ -22,12 +22,14 @@ import ray
 from fcas.deform.stage import MGMStage
 from fcas.io import storage
 from fcas.models.checkpoint import checkpoint_digest, latest_checkpoint
+from fcas.models.networks import LATENT_DOWNSAMPLE
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.prepare import PrepareSettings
 from fcas.synthesis.faults import FaultPlan
 from fcas.security import safe_child
 from fcas.synthesis.identity import check_identity, library_digest
+from fcas.synthesis.lease import LEASE_FILE, Lease, acquire_lease
 from fcas.synthesis.outputs import compact_run, finished_ids, read_run_manifest, rejected_ids, remove_temporaries
 from fcas.synthesis.plan import TemplateLibrary, plan_sample
 from fcas.synthesis.sampler import SamplerSettings, SamplerStage
@@ -56,6 +58,7 @@ class Resources:
     writer_retries: int = 3
     compact_every: int = 5000                  # written samples between manifest compactions (0: only at start and end)
     sampler_tries: int = 2
+    lease_ttl: float = 120.0                   # s without a heartbeat before another driver may take the run over
     # Logical CPUs: actors hold theirs for the whole run; the defaults leave a whole CPU of a
     # 2-CPU laptop free for Ray Data's own 1-CPU tasks, or the pipeline would wait forever.
     # Clusters raise the actor counts (and give the sampler a GPU).
@@ -112,13 +115,106 @@ def plan_batch(batch: dict, library: TemplateLibrary, run_seed: int) -> dict:
     return out
 
 
+def id_ranges(n: int, max_blocks: int = 1000) -> list[dict]:
+    """``range(n)`` as at most ``max_blocks`` ``{"start", "stop"}`` items: the driver never holds n ids."""
+    step = max(1, -(-n // max_blocks))
+    return [{"start": a, "stop": min(a + step, n)} for a in range(0, n, step)]
+
+
+def expand_and_plan(batch: dict, library: TemplateLibrary, run_seed: int, done: np.ndarray) -> dict:
+    """Plan stage: id ranges -> the plan columns of their ids that are not ``done`` (sorted int64)."""
+    ids = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(batch["start"], batch["stop"])])
+    if len(done):
+        pos = np.searchsorted(done, ids).clip(max=len(done) - 1)
+        ids = ids[done[pos] != ids]
+    return plan_batch({"id": ids}, library, run_seed)
+
+
+def build_pipeline(job: SynthesisJob, library: TemplateLibrary, done: np.ndarray, digest: str):
+    """The lazy Ray Data pipeline of the samples ``range(job.n)`` minus ``done`` (nothing runs yet)."""
+    r = job.resources
+    # ids as ranges from the driver (no read tasks: they would need a whole CPU the actors may hold)
+    ranges = id_ranges(job.n)
+    ds = ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
+    ds = ds.map_batches(partial(expand_and_plan, library=library, run_seed=job.run_seed, done=done),
+                        batch_size=1, num_cpus=r.plan_cpus)
+    # one sample per block from here on: each MGM / sampler task then holds one sample and
+    # hands it on when done (without this, a task's outputs are merged into one block up to
+    # 128 MiB and nothing reaches the writer until the task has done all its rows)
+    ds = ds.repartition(target_num_rows_per_block=1)
+    actor_retry = {"max_restarts": r.actor_max_restarts, "max_task_retries": r.actor_task_retries}
+    ds = ds.map_batches(MGMStage, fn_constructor_kwargs={"cfg": job.mgm or None, "schema": job.schema},
+                        batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors), **actor_retry)
+    ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler,
+                                                             "tries": r.sampler_tries, "faults": job.faults,
+                                                             "expected_digest": digest},
+                        batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
+                        num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus, **actor_retry)
+    return ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults,
+                                      threads=int(r.writer_cpus)),
+                          batch_size=r.writer_batch_size, num_cpus=r.writer_cpus,
+                          max_retries=r.writer_retries, retry_exceptions=True)
+
+
 def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: bool = True) -> dict:
-    """Synthesize samples ``0..n-1`` into ``job.out`` (resuming); returns the run summary."""
-    t_start = time.time()
-    # before Ray and any work: nothing the run writes may lead out of out (symlinks), the checkpoint,
-    # and the run's identity (out/run.json)
-    for name in ("manifest", "rejects", "samples", "templates", "quarantine", "summary.json", "run.json"):
+    """Synthesize samples ``0..n-1`` into ``job.out`` (resuming); returns the run summary.
+
+    Before Ray and any work: nothing the run writes may lead out of ``out`` (symlinks), the run's
+    lease is taken (one driver per run, :mod:`fcas.synthesis.lease`), the checkpoint and the run's
+    identity (``out/run.json``) are checked.
+    """
+    for name in ("manifest", "rejects", "samples", "templates", "quarantine", "summary.json", "run.json",
+                 LEASE_FILE):
         safe_child(job.out, name)
+    check_checkpoint_fits(job)
+    if not job.templates.startswith("phantom:"):
+        check_template_library(TemplateLibrary.from_manifest(job.templates), job.templates, job.schema)
+    with acquire_lease(job.out, ttl=job.resources.lease_ttl) as lease:
+        return _run_leased(job, lease, ray_address, progress)
+
+
+def check_checkpoint_fits(job: SynthesisJob) -> None:
+    """Load the checkpoint on the driver (``ValueError`` when its config does not fit its weights) and
+    refuse one trained at another voxel spacing than the job's preset: its samples would silently be
+    drawn onto the wrong grid (e.g. the tiny 4 mm checkpoint with ``preset=demo`` at 2 mm)."""
+    from fcas.models.bundle import load_tcdm
+
+    bundle = load_tcdm(job.checkpoint)
+    trained = tuple(float(v) for v in bundle.spacing)
+    if not np.allclose(trained, job.spacing, rtol=1e-4):
+        preset = bundle.config.get("preset", "?")
+        raise ValueError(f"checkpoint {job.checkpoint} was trained at spacing {trained} mm (preset {preset}), the job "
+                         f"samples at {tuple(job.spacing)} mm; use preset={preset} or a checkpoint of this preset")
+    if any(int(s) % LATENT_DOWNSAMPLE for s in job.shape):
+        raise ValueError(f"shape {tuple(job.shape)} is not a multiple of the VAE's downsampling {LATENT_DOWNSAMPLE}")
+
+
+def check_template_library(library: TemplateLibrary, source: str, schema: str) -> None:
+    """Before any work: every template and reference file exists, and every case has cardiac voxels
+    (per the cases manifest's ``class_voxels``). A template library is complete or the job fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fcas.io import manifest
+    from fcas.labels import load_schema
+
+    refs = {r.case_id: r for r in library.templates + library.references}
+    uris = [u for r in refs.values() for u in (r.image_uri, r.label_uri)]
+    with ThreadPoolExecutor(16) as pool:
+        missing = [u for u, ok in zip(uris, pool.map(storage.exists, uris)) if not ok]
+    if missing:
+        raise FileNotFoundError(f"{source}: {len(missing)} template/reference file(s) missing, e.g. {missing[0]}")
+    cardiac = set(load_schema(schema).cardiac)
+    rows = manifest.read_table(source, schema=manifest.CASES_SCHEMA).to_pylist()
+    for r in rows:
+        if r["case_id"] in refs:
+            voxels = r["class_voxels"] if isinstance(r["class_voxels"], dict) else manifest.map_to_dict(r["class_voxels"])
+            if not any(int(voxels.get(c, 0)) > 0 for c in cardiac):
+                raise ValueError(f"{source}: case {r['case_id']} has no voxels of any cardiac class "
+                                 f"({', '.join(sorted(cardiac))}); its label map does not follow schema {schema!r}")
+
+
+def _run_leased(job: SynthesisJob, lease: Lease, ray_address: str | None, progress: bool) -> dict:
+    t_start = time.time()
     compact_run(job.out)   # a run that stopped before compacting leaves many small shards
     existing = read_run_manifest(job.out, quarantine=True)   # read once: the digest check and the finished ids share it
     digest = _checked_digest(job, existing)
@@ -130,40 +226,23 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     check_identity(job.out, "templates", {"library_digest": library_digest(library),
                                           "n_templates": len(library.templates),
                                           "n_references": len(library.references)})
-    stale = remove_temporaries(job.out)
+    stale = remove_temporaries(job.out)   # only the lease holder: another driver's temporaries are live
     if stale:
         log.info("synthesize: removed %d temporary files an interrupted run left in %s", stale, job.out)
-    done = finished_ids(job.out, existing)
+    done = np.fromiter(sorted(i for i in finished_ids(job.out, existing) if 0 <= i < job.n), dtype=np.int64)
     del existing
-    todo = [i for i in range(job.n) if i not in done]
-    log.info("synthesize: %d of %d samples to do (%d already finished) -> %s", len(todo), job.n, len(done), job.out)
+    n_todo = job.n - len(done)
+    log.info("synthesize: %d of %d samples to do (%d already finished) -> %s", n_todo, job.n, len(done), job.out)
     r = job.resources
     counts = {"written": 0, "rejected": 0}
     arrivals: list[tuple[float, int]] = []     # (time, samples) of each writer batch when written
-    if todo:
-        # ids from the driver (no read tasks: they would need a whole CPU the actors may hold)
-        ds = ray.data.from_items([{"id": i} for i in todo], override_num_blocks=max(1, min(len(todo), 1000)))
-        ds = ds.map_batches(partial(plan_batch, library=library, run_seed=job.run_seed),
-                            batch_size=64, num_cpus=r.plan_cpus)
-        # one sample per block from here on: each MGM / sampler task then holds one sample and
-        # hands it on when done (without this, a task's outputs are merged into one block up to
-        # 128 MiB and nothing reaches the writer until the task has done all its rows)
-        ds = ds.repartition(target_num_rows_per_block=1)
-        actor_retry = {"max_restarts": r.actor_max_restarts, "max_task_retries": r.actor_task_retries}
-        ds = ds.map_batches(MGMStage, fn_constructor_kwargs={"cfg": job.mgm or None, "schema": job.schema},
-                            batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors), **actor_retry)
-        ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler,
-                                                                 "tries": r.sampler_tries, "faults": job.faults,
-                                                                 "expected_digest": digest},
-                            batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
-                            num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus, **actor_retry)
-        ds = ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults,
-                                        threads=int(r.writer_cpus)),
-                            batch_size=r.writer_batch_size, num_cpus=r.writer_cpus,
-                            max_retries=r.writer_retries, retry_exceptions=True)
-        bar = _progress(len(todo), progress)
+    if n_todo:
+        ds = build_pipeline(job, library, done, digest)
+        bar = _progress(n_todo, progress)
         since_compact = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if lease.lost.is_set():
+                raise RuntimeError(f"{job.out}: another driver took over this run's lease; stopping this one")
             arrivals.extend((float(t), 1) for t in batch["finished_at"])
             for s in batch["status"]:
                 counts[str(s)] += 1
