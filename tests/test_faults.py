@@ -22,6 +22,7 @@ from fcas.presets import load_preset
 from fcas.synthesis.faults import FaultPlan
 from fcas.synthesis.outputs import SAMPLE_REJECTS_SCHEMA, read_run_manifest
 from fcas.synthesis.sampler import SamplerSettings
+from tests.procs import pids_matching
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = load_preset("tiny")
@@ -52,18 +53,6 @@ def _audit(out: str, n: int) -> tuple[list[int], list[int]]:
     return written, rejected
 
 
-def _pids_matching(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
 def test_killed_sampler_actor_is_restarted_and_the_run_completes(ray_local, tiny_checkpoint, tiny_templates, tmp_path):
     out = tmp_path / "kill-actor"
     killed: list[int] = []
@@ -72,7 +61,7 @@ def test_killed_sampler_actor_is_restarted_and_the_run_completes(ray_local, tiny
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             shards = list((out / "manifest").glob("part-*.parquet")) if (out / "manifest").exists() else []
-            pids = _pids_matching("MapBatches(SamplerStage)")
+            pids = pids_matching("MapBatches(SamplerStage)", os.getpid())   # ours only
             if shards and pids:
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
