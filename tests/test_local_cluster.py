@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from fcas.io import manifest, storage
+from tests.procs import process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -91,24 +92,6 @@ def _read_state(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
 
 
-def _process_tree(root: int) -> set[int]:
-    """``root`` and its descendants, from /proc (Ray's workers run in sessions of their own)."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, grew = {root}, True
-    while grew:
-        new = {p for p, pp in parent.items() if pp in tree and p not in tree}
-        tree |= new
-        grew = bool(new)
-    return tree
-
-
 def _running(pids: set[int]) -> set[int]:
     """Those of ``pids`` that still run (zombies, left to a reaper, run nothing)."""
     alive = set()
@@ -150,7 +133,7 @@ def local_cluster():
         if head_pid is None and state_file.exists():
             head_pid = int(_read_state(state_file)["PID"])
         if head_pid is not None:
-            seen = _process_tree(head_pid)
+            seen = process_tree(head_pid)
             try:
                 stopped = _local_sh(env, "stop", timeout=60)
             except subprocess.TimeoutExpired as exc:
@@ -226,7 +209,9 @@ def test_local_sh_runs_a_job_through_ray_job_submit(local_cluster, tiny_checkpoi
 
     table = manifest.read_manifest_dedup(str(out / job.manifest), key=job.key)  # readers drop retried rows
     assert table.num_rows == job.rows, logs
-    for column in (c for c in table.column_names if c.endswith("_uri")):
+    uri_columns = [c for c in table.column_names if c.endswith("_uri")]
+    table = manifest.resolve_uris(table, str(out), uri_columns)   # a run's sample paths are relative to it
+    for column in uri_columns:
         for uri in table.column(column).to_pylist():
             assert uri is None or storage.exists(uri), f"{column}: {uri} missing"
 

@@ -76,7 +76,8 @@ def to_classes(label: np.ndarray, lut: np.ndarray, uri: str = "label") -> np.nda
 
 
 def synthetic_rows(run: str) -> pa.Table:
-    """The run's manifest (duplicates dropped), only the columns training needs; ``ValueError`` if empty."""
+    """The run's manifest (duplicates dropped, URIs resolved against ``run``: a copied run trains where it is),
+    only the columns training needs; ``ValueError`` if empty."""
     from fcas.synthesis.outputs import read_run_manifest
 
     table = read_run_manifest(run)

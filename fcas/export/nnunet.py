@@ -37,9 +37,11 @@ largest first to the fold with the fewest cases (greedy balancing, as scikit-lea
 
 Robustness: an input that cannot be read or does not make a valid pair (corrupt or missing file,
 shape / affine mismatch, non-integer or unknown label ids, non-finite HU) becomes one line in
-``rejects.json`` naming the file, and the export goes on. Write errors (the output store) are
-raised. Files are written atomically by :func:`fcas.io.nifti.write_nifti`, so ``existing=resume``
-may keep every pair whose two files exist.
+``rejects.json`` naming the file, and the export goes on; when no training case is left the export
+fails (``ValueError``, exit 2 from the job) instead of writing ``numTraining: 0``. A run's sample URIs
+are resolved against ``run`` (:func:`fcas.synthesis.outputs.read_run_manifest`), so a copied run
+exports. Write errors (the output store) are raised. Files are written atomically by
+:func:`fcas.io.nifti.write_nifti`, so ``existing=resume`` may keep every pair whose two files exist.
 
 Ray-free: cases are copied by a thread pool (reads, gzip and object-store I/O release the GIL).
 The Hydra entry point is ``jobs/export_nnunet.py``.
@@ -472,7 +474,8 @@ def export_nnunet(settings: ExportSettings) -> dict:
 
     Raises:
         ValueError: bad settings, nothing to export, an existing export (``existing=error``),
-            or fewer groups than folds among the training cases.
+            fewer groups than folds among the training cases, or every training case rejected
+            (``rejects.json`` is written, ``dataset.json`` is not; the job exits 2 with one line).
     """
     t0 = time.time()
     schema = load_schema(settings.schema)
@@ -507,6 +510,12 @@ def export_nnunet(settings: ExportSettings) -> dict:
     kept = [it for it in items if it.case in done or by_case[it.case]["ok"]]
     kept_tr = [it for it in kept if it.subset == "Tr"]
     kept_ts = [it for it in kept if it.subset == "Ts"]
+    if not kept_tr:   # an nnU-Net dataset without training cases is of no use: fail, don't write dataset.json
+        _write_json(storage.join(root, "rejects.json"), rejects)
+        names = {it.case for it in tr}
+        first = next(r["reason"] for r in rejects if r["case"] in names)
+        raise ValueError(f"no training case could be exported: all {len(tr)} were rejected (first: {first}); "
+                         f"see {storage.join(root, 'rejects.json')}")
 
     dataset = {
         "channel_names": {"0": "CT"},

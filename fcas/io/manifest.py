@@ -29,6 +29,11 @@ new file is complete before anything is removed (a crash in between leaves dupli
 readers drop), and shards written meanwhile are not touched. Compacted files sort before
 ``part-*`` shards and by generation, so "last row wins" still prefers the newest write.
 
+Portable URIs: a manifest may store its files relative to a root folder (a synthesis run stores
+``samples/s00000012_image.nii.gz``), so a copied folder (S3 to local, one disk to another) still
+reads. :func:`resolve_uris` joins such values onto the root a reader was given; an absolute path or a
+URI with a scheme (``s3://``, ``file://``, as older manifests hold) is kept as it is.
+
 Hand-written row validation; Parquet I/O is pyarrow's.
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcas.io import storage
@@ -60,6 +66,7 @@ __all__ = [
     "read_manifest_dedup",
     "map_to_dict",
     "compact",
+    "resolve_uris",
     "READ_THREADS",
 ]
 
@@ -67,6 +74,8 @@ READ_THREADS = 16   # concurrent shard reads (S3 GETs overlap; local parsing rel
 _COMPACT_RE = re.compile(r"^compact-(\d{10})-[0-9a-f]{8}\.parquet$")
 
 _SCHEMA_NAME_KEY = b"fcas.schema"
+_ABSOLUTE_URI = r"^(/|[A-Za-z][A-Za-z0-9+.-]*:)"   # /local/path, s3://..., file://... (kept as they are)
+_PARENT_PART = r"(^|/)\.\.(/|$)"
 
 
 def make_schema(name: str, fields: Iterable[pa.Field], version: int = 1) -> pa.Schema:
@@ -394,6 +403,31 @@ def read_manifest_dedup(
     "Last" is in shard file-name order, then row order; kept rows stay in their original order.
     """
     return _dedup_last(read_table(uri, schema=schema, quarantine=quarantine), key)
+
+
+def resolve_uris(table: pa.Table, root: str | os.PathLike, columns: Iterable[str]) -> pa.Table:
+    """``table`` with every relative value of ``columns`` joined onto ``root`` (made absolute).
+
+    A value that is an absolute path or carries a scheme (``s3://``, ``file://``) is kept, so old
+    manifests holding absolute URIs read as before; nulls stay null. Vectorized (pyarrow compute):
+    a few tens of milliseconds per column at 100,000 rows.
+
+    Raises:
+        ValueError: a relative value with a ``..`` part (it would lead out of ``root``).
+    """
+    root = storage.absolute(os.fspath(root))
+    prefix = root.rstrip("/") + "/"
+    for name in columns:
+        col = table[name]
+        keep = pc.match_substring_regex(col, _ABSOLUTE_URI)
+        dots = pc.filter(col, pc.and_(pc.invert(keep), pc.match_substring(col, "..")))   # cheap pre-filter
+        bad = pc.filter(dots, pc.match_substring_regex(dots, _PARENT_PART))
+        if len(bad):
+            raise ValueError(f"{name} {bad[0].as_py()!r} leads out of the root {root}")
+        resolved = pc.if_else(keep, col, pc.binary_join_element_wise(prefix, col, ""))
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i), resolved)
+    return table
 
 
 def map_to_dict(value) -> dict | None:

@@ -3,6 +3,11 @@
 Names derive from the sample id only, so a retried sample overwrites its own files; every
 file is written atomically (:mod:`fcas.io.storage`), and a manifest row is written only after
 all of its sample's files exist. Readers drop duplicate sample ids (last row wins).
+
+Portable runs (synthesis schema v2): the ``*_uri`` columns hold paths relative to the run root
+(``samples/s00000012_image.nii.gz``), so a run copied elsewhere (S3 to local, another disk) reads and
+exports from its new place. :func:`read_run_manifest` resolves them against the ``out`` it is given;
+v1 rows (absolute URIs) are kept as they are, so old runs read as before (but not once moved).
 """
 from __future__ import annotations
 
@@ -34,8 +39,10 @@ SYNTHESIS_SCHEMA = manifest.make_schema(
         pa.field("preview_uri", pa.string()),
         pa.field("timings", pa.map_(pa.string(), pa.float64())),
     ],
+    version=2,   # v2: the *_uri columns are relative to the run root (v1: absolute URIs)
 )
 manifest.SCHEMAS["synthesis"] = SYNTHESIS_SCHEMA
+URI_COLUMNS = ("image_uri", "label_uri", "confidence_uri", "preview_uri")
 
 SAMPLE_REJECTS_SCHEMA = manifest.make_schema(
     "sample_rejects",
@@ -57,15 +64,20 @@ def sample_name(sample_id: int) -> str:
     return f"s{int(sample_id):08d}"
 
 
-def sample_uris(out: str, sample_id: int, preview: bool = True) -> dict[str, str | None]:
-    """The URIs of one sample's files under ``out/samples/`` (refused if they would leave ``out``)."""
-    base = safe_child(out, "samples", sample_name(sample_id))
+def sample_paths(sample_id: int, preview: bool = True) -> dict[str, str | None]:
+    """One sample's files relative to the run root (``samples/s00000012_image.nii.gz``, ...): its manifest row."""
+    base = f"samples/{sample_name(sample_id)}"
     return {
         "image_uri": f"{base}_image.nii.gz",
         "label_uri": f"{base}_label.nii.gz",
         "confidence_uri": f"{base}_confidence.nii.gz",
         "preview_uri": f"{base}_preview.png" if preview else None,
     }
+
+
+def sample_uris(out: str, sample_id: int, preview: bool = True) -> dict[str, str | None]:
+    """The URIs of one sample's files under ``out/samples/`` (refused if they would leave ``out``)."""
+    return {k: None if p is None else safe_child(out, p) for k, p in sample_paths(sample_id, preview).items()}
 
 
 def write_sample(out: str, sample_id: int, image_hu: np.ndarray, label: np.ndarray, confidence: np.ndarray,
@@ -101,17 +113,20 @@ def write_shard(out: str, rows: list[dict], schema=SYNTHESIS_SCHEMA, folder: str
     return uri
 
 
-def read_run_manifest(out: str, quarantine: bool = False) -> pa.Table:
+def read_run_manifest(out: str, quarantine: bool = False, resolve: bool = True) -> pa.Table:
     """The run's manifest with duplicate sample ids dropped (last wins); empty if none yet.
 
+    ``resolve``: the :data:`URI_COLUMNS` as absolute URIs under ``out`` (relative rows joined onto it,
+    absolute ones of older runs kept); False gives them as stored.
     ``quarantine`` (the run's own driver only): a shard that is not Parquet is moved to
     ``out/quarantine/`` with a warning instead of stopping the read; its samples count as not done.
     """
     uri = storage.join(out, "manifest")
     if not storage.exists(uri):
         return SYNTHESIS_SCHEMA.empty_table()
-    return manifest.read_manifest_dedup(uri, key="sample_id", schema=SYNTHESIS_SCHEMA,
-                                        quarantine=safe_child(out, "quarantine") if quarantine else None)
+    table = manifest.read_manifest_dedup(uri, key="sample_id", schema=SYNTHESIS_SCHEMA,
+                                         quarantine=safe_child(out, "quarantine") if quarantine else None)
+    return manifest.resolve_uris(table, out, URI_COLUMNS) if resolve else table
 
 
 def compact_run(out: str, min_shards: int = 32) -> dict:
@@ -154,7 +169,8 @@ def remove_temporaries(out: str) -> int:
 def finished_ids(out: str, table: pa.Table | None = None) -> set[int]:
     """Sample ids with a manifest row whose files all exist (what a rerun may skip).
 
-    One listing of ``out/samples/`` instead of a request per file (300k HEADs at n=100000 on S3).
+    One listing of ``out/samples/`` instead of a request per file (300k HEADs at n=100000 on S3);
+    files are matched by name, so relative (v2) and absolute (v1) rows of a moved run both count.
     ``table``: the run's manifest when the caller has read it already (read here otherwise).
     """
     table = read_run_manifest(out) if table is None else table

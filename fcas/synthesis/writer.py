@@ -3,7 +3,8 @@
 :class:`WriterStage` is a plain callable for ``map_batches`` (CPU tasks). For every row it writes
 the image (int16 HU), label (uint8), confidence (float32) NIfTI files and an optional tri-planar
 preview, all named from the sample id and written atomically; only when every file of the batch
-exists does it write the batch's manifest shard (``out/manifest/part-*.parquet``). A sample whose
+exists does it write the batch's manifest shard (``out/manifest/part-*.parquet``), whose URIs are
+relative to ``out`` (:func:`fcas.synthesis.outputs.sample_paths`: the run stays readable when moved). A sample whose
 MGM QC still failed after its bounded tries, or whose sampler output was not finite, goes to
 ``out/rejects/`` with its reason instead. Returns one small row per sample for the driver's count.
 """
@@ -15,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from fcas.synthesis.faults import FaultPlan, InjectedFault
-from fcas.synthesis.outputs import SAMPLE_REJECTS_SCHEMA, write_sample, write_shard
+from fcas.synthesis.outputs import SAMPLE_REJECTS_SCHEMA, sample_paths, write_sample, write_shard
 
 __all__ = ["WriterStage", "reject_reason"]
 
@@ -89,7 +90,7 @@ class WriterStage:
                 "sampler": self.sampler_json,
                 "checkpoint_digest": str(batch["checkpoint_digest"][i]),
                 "config_hash": self.config_hash,
-                **uris,
+                **sample_paths(sid, preview=uris["preview_uri"] is not None),   # relative to out
                 "timings": timings,
             })
             status.append("written")
