@@ -1,8 +1,10 @@
 """Label schema and mask encodings (the condition contract of TCDM).
 
 A :class:`LabelSchema` holds stable integer ids for the eight cardiac classes of the seed
-paper plus surrounding tissues, a union priority (thin structures win), and per-source-dataset
-id mappings. It is loaded from ``configs/labels/<name>.yaml``.
+paper plus surrounding tissues, a union priority (thin structures win; :meth:`LabelSchema.union` of
+per-class masks, :meth:`LabelSchema.merge` of several sources' label maps), and per-source-dataset
+mappings by id and, for per-structure folders, by structure name. It is loaded from
+``configs/labels/<name>.yaml``.
 
 Encodings, each with an exact inverse:
 
@@ -15,10 +17,11 @@ Hand-written here because MONAI has no schema object; the one-hot uses ``torch.n
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +42,18 @@ CARDIAC_CLASSES = (
 
 @dataclass(frozen=True)
 class SourceMapping:
-    """Source dataset ids -> our ids. ``default`` (our id) applies to unlisted source ids."""
+    """Source dataset ids -> our ids. ``default`` (our id) applies to unlisted source ids.
+
+    ``files``: structure name -> our id, for a per-structure folder (``<name>.nii.gz``, one binary mask
+    each, as TotalSegmentator writes). ``multilabel``: a label map holding a single structure id is
+    refused as a binary mask (it cannot tell the structures apart) instead of becoming that class.
+    """
 
     name: str
     ids: Mapping[int, int]
     default: int | None = None
+    files: Mapping[str, int] = field(default_factory=dict)
+    multilabel: bool = False
 
     def lut(self, max_source_id: int) -> np.ndarray:
         """Lookup table of length ``max_source_id + 1``; -1 marks an id the mapping refuses."""
@@ -146,6 +156,12 @@ class LabelSchema:
         if (out < 0).any():
             bad = sorted(int(v) for v in np.unique(mask[out < 0]))
             raise ValueError(f"label ids {bad[:10]} are not in mapping {mapping.name!r}")
+        if mapping.multilabel:
+            present = np.flatnonzero(np.bincount(mask.ravel())[1:]) + 1
+            if len(present) == 1:
+                raise ValueError(f"a binary mask (one structure id, {int(present[0])}), but mapping {mapping.name!r} "
+                                 f"expects a multilabel map of {len(set(mapping.ids) - {0})} structures or a "
+                                 "per-structure folder; refusing to guess the classes")
         return out.astype(np.uint8)
 
     def source(self, name: str) -> SourceMapping:
@@ -176,20 +192,48 @@ class LabelSchema:
                 out[np.asarray(b, dtype=bool)] = cid
         return out
 
+    def merge(self, maps: Sequence[np.ndarray]) -> np.ndarray:
+        """Label maps in our ids (one per label source, same shape) merged voxel-wise by the union priority:
+        where sources disagree the higher-priority class wins, and background never overrides a class.
+        The same result as :meth:`union` of every map's per-class masks, at one pass per map."""
+        if not maps:
+            raise ValueError("merge of no label maps")
+        rank = np.full(256, len(self.priority_ids), dtype=np.uint8)   # background: below every class
+        rank[list(self.priority_ids)] = np.arange(len(self.priority_ids))
+        out = np.array(maps[0], dtype=np.uint8)
+        for m in maps[1:]:
+            take = rank[m] < rank[out]
+            out[take] = m[take]
+        return out
+
+
+def _source_from_dict(sname: str, sdef: Mapping, classes: Mapping[str, int]) -> SourceMapping:
+    """``ids`` (source id -> class) and/or ``names`` (source id -> structure name) with ``classes``
+    (structure name or glob -> class, the first matching pattern wins)."""
+    def our(dst, what):
+        if dst not in classes:
+            raise ValueError(f"mapping {sname!r}: {what} maps to unknown class {dst!r}")
+        return classes[dst]
+
+    ids = {int(src): our(dst, f"source id {src}") for src, dst in (sdef.get("ids") or {}).items()}
+    patterns = {str(p): our(dst, f"pattern {p!r}") for p, dst in (sdef.get("classes") or {}).items()}
+    files = {}
+    for src, name in (sdef.get("names") or {}).items():
+        match = next((cid for p, cid in patterns.items() if fnmatch.fnmatchcase(str(name), p)), None)
+        if match is None:
+            raise ValueError(f"mapping {sname!r}: structure {name!r} (id {src}) matches no pattern of its classes")
+        files[str(name)] = match
+        ids.setdefault(int(src), match)
+    if files:
+        ids.setdefault(0, 0)
+    default = sdef.get("default")
+    return SourceMapping(sname, ids, None if default is None else our(default, "default"), files,
+                         bool(sdef.get("multilabel", False)))
+
 
 def _schema_from_dict(d: Mapping) -> LabelSchema:
     classes = {str(k): int(v) for k, v in d["classes"].items()}
-    sources = {}
-    for sname, sdef in (d.get("sources") or {}).items():
-        ids = {}
-        for src, dst in sdef["ids"].items():
-            if dst not in classes:
-                raise ValueError(f"mapping {sname!r}: source id {src} maps to unknown class {dst!r}")
-            ids[int(src)] = classes[dst]
-        default = sdef.get("default")
-        if default is not None and default not in classes:
-            raise ValueError(f"mapping {sname!r}: default {default!r} is not a class")
-        sources[sname] = SourceMapping(sname, ids, None if default is None else classes[default])
+    sources = {sname: _source_from_dict(sname, sdef, classes) for sname, sdef in (d.get("sources") or {}).items()}
     return LabelSchema(
         name=str(d.get("name", "custom")),
         classes=classes,

@@ -1,10 +1,18 @@
-"""Case preparation: validate one image/label pair, reorient, resample, crop around the heart.
+"""Case preparation: validate one case, reorient, resample, crop around the heart.
+
+A case is an image and one or more label sources (``{source name: file or folder}``), each mapped to
+our ids by its label mapping and merged by the schema's union priority: e.g. the FCaS recipe for
+ImageCAS (its coronaries + TotalSegmentator's heart chambers and surroundings, docs/data.md).
+Images and label files are NIfTI, NRRD, MetaImage or a DICOM series folder (:mod:`fcas.io.volumes`);
+a label folder holding volume files is a per-structure folder (``<structure>.nii.gz`` binary masks,
+as TotalSegmentator writes), read by file name.
 
 One case in, one :class:`PreparedCase` out, or a :class:`CaseRejected` with a one-line reason.
 Validation refuses, in this order and before allocating voxel data where it can:
-unreadable/truncated/non-NIfTI file, a grid over the configured voxel limit (from the header),
-not 3D, image/label shape or affine mismatch, non-finite image values, float label dtype,
-label ids outside the schema or the source mapping, no heart voxels, implausible HU range.
+unreadable/truncated/unsupported file, a grid over the configured voxel limit (from the header),
+not 3D, a source shape unlike the image's, non-finite image values, a source affine unlike the
+image's, float label dtype, label ids (or folder files) outside the schema or the source mapping,
+a binary mask for a multilabel mapping, no heart voxels, implausible HU range.
 
 Reorientation, resampling, padding and cropping are MONAI transforms (``Orientationd``,
 ``Spacingd``, ``BorderPadd``, ``SpatialCropd``) on ``MetaTensor`` so the affine stays exact.
@@ -15,14 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import BorderPadd, Compose, Orientationd, SpatialCropd, Spacingd
 
-from fcas.io import nifti
-from fcas.labels import LabelSchema
+from fcas.io import nifti, storage, volumes
+from fcas.labels import LabelSchema, SourceMapping
 from fcas.security import check_id, safe_child, sanitize_id
 
 AIR_HU = -1024.0
@@ -44,15 +53,26 @@ class PrepareSettings:
     min_hu_spread: float = 200.0     # p99 - p1 below this: not a CT in HU (normalised or blank)
     min_heart_voxels: int = 1
     affine_atol: float = 1e-3        # mm
-    label_mapping: str | None = None
+    # mapping of configs/labels/<schema>.yaml per label source ((name, mapping) pairs or a dict), or one
+    # for every source; None: ids are already ours
+    label_mapping: str | tuple[tuple[str, str | None], ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.label_mapping, Mapping):
+            pairs = tuple((str(k), None if v is None else str(v)) for k, v in self.label_mapping.items())
+            object.__setattr__(self, "label_mapping", pairs)
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ValueError(f"shape must be three positive ints, got {self.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"spacing must be three positive floats, got {self.spacing}")
         if self.max_voxels < 1:
             raise ValueError(f"max_voxels must be positive, got {self.max_voxels}")
+
+    def mapping_for(self, source: str) -> str | None:
+        """The label mapping of label source ``source`` (None: its ids are already ours)."""
+        if self.label_mapping is None or isinstance(self.label_mapping, str):
+            return self.label_mapping
+        return dict(self.label_mapping).get(source)
 
 
 @dataclass
@@ -77,12 +97,16 @@ def safe_case_id(name: str) -> str:
 
 
 # ---- validation --------------------------------------------------------------------------------
-def _header(uri: str, what: str, settings: PrepareSettings):
+def _what(source: str) -> str:
+    """A label source as reasons name it: ``label`` for the single source, ``<name> label`` otherwise."""
+    return "label" if source == "label" else f"{source} label"
+
+
+def _shape(uri: str, what: str, settings: PrepareSettings) -> tuple[int, ...]:
     try:
-        hdr = nifti.read_header(uri)
+        shape = volumes.read_info(uri).shape
     except (ValueError, OSError) as err:
         raise CaseRejected(f"{what}: {err}") from None
-    shape = tuple(int(s) for s in hdr.shape)
     n = math.prod(shape)
     if n > settings.max_voxels:
         raise CaseRejected(f"{what} {uri}: grid {shape} has {n} voxels, over the limit of {settings.max_voxels}")
@@ -90,12 +114,12 @@ def _header(uri: str, what: str, settings: PrepareSettings):
         shape = shape[:3]
     if len(shape) != 3:
         raise CaseRejected(f"{what} {uri}: not a 3D volume (shape {shape})")
-    return hdr, shape
+    return shape
 
 
 def _load(uri: str, what: str) -> nifti.Volume:
     try:
-        vol = nifti.read_nifti(uri)
+        vol = volumes.read_volume(uri)
     except (ValueError, OSError) as err:
         raise CaseRejected(f"{what}: {err}") from None
     if vol.array.ndim == 4 and vol.array.shape[3] == 1:
@@ -103,29 +127,87 @@ def _load(uri: str, what: str) -> nifti.Volume:
     return vol
 
 
-def validate_pair(image_uri: str, label_uri: str, schema: LabelSchema, settings: PrepareSettings):
-    """Read and check one pair. Returns ``(image float32 HU, label uint8 in our ids, affine)``."""
-    ihdr, ishape = _header(image_uri, "image", settings)
-    lhdr, lshape = _header(label_uri, "label", settings)
-    if ishape != lshape:
-        raise CaseRejected(f"label {label_uri}: shape {lshape} does not match image shape {ishape}")
-    if not np.allclose(ihdr.affine, lhdr.affine, atol=settings.affine_atol):
-        raise CaseRejected(f"label {label_uri}: affine differs from the image's (max diff "
-                           f"{np.abs(ihdr.affine - lhdr.affine).max():.4g} mm)")
+def _load_label(uri: str, what: str, image: nifti.Volume, settings: PrepareSettings) -> np.ndarray:
+    """A label volume on the image's grid, with an integer dtype."""
+    lab = _load(uri, what)
+    if lab.array.shape != image.array.shape:
+        raise CaseRejected(f"{what} {uri}: shape {lab.array.shape} does not match image shape {image.array.shape}")
+    if not np.allclose(image.affine, lab.affine, atol=settings.affine_atol):
+        raise CaseRejected(f"{what} {uri}: affine differs from the image's (max diff "
+                           f"{np.abs(image.affine - lab.affine).max():.4g} mm)")
+    if np.issubdtype(lab.array.dtype, np.floating):
+        raise CaseRejected(f"{what} {uri}: float dtype {lab.array.dtype}; label maps must be stored as integers")
+    return lab.array
+
+
+def _structure_files(uri: str, what: str, mapping: SourceMapping | None) -> list[tuple[int, str]] | None:
+    """(our id, file) of each volume in a per-structure folder, by the mapping's structure names; None for a
+    folder without volume files (a DICOM series)."""
+    files = [(volumes.structure_name(u), u) for u in storage.listdir(uri)]
+    files = [(name, u) for name, u in files if name is not None]
+    if not files:
+        return None
+    if mapping is None or not mapping.files:
+        why = "the source has no label mapping" if mapping is None else f"mapping {mapping.name!r} names no structures"
+        raise CaseRejected(f"{what} {uri}: a per-structure folder, but {why} to read its files by name")
+    for name, u in files:
+        if name not in mapping.files:
+            raise CaseRejected(f"{what} {u}: {name!r} is not a structure of mapping {mapping.name!r}")
+    return [(mapping.files[name], u) for name, u in files]
+
+
+def _structure_map(files: list[tuple[int, str]], what: str, image: nifti.Volume, schema: LabelSchema,
+                   settings: PrepareSettings) -> np.ndarray:
+    """One label map from a per-structure folder's binary masks (several files may share a class)."""
+    masks: dict[int, np.ndarray] = {}
+    for cid, uri in files:
+        mask = _load_label(uri, what, image, settings)
+        if mask.size and (mask.min() < 0 or mask.max() > 1):
+            raise CaseRejected(f"{what} {uri}: not a binary mask (values {mask.min()}..{mask.max()}); "
+                               "a per-structure folder holds one 0/1 mask per structure")
+        masks[cid] = masks[cid] | (mask != 0) if cid in masks else mask != 0
+    return schema.union(masks, image.array.shape)
+
+
+def validate_case(image_uri: str, labels: Mapping[str, str], schema: LabelSchema, settings: PrepareSettings):
+    """Read and check one case: an image and its label sources ``{source name: file or per-structure folder}``.
+
+    Each source is mapped to our ids by ``settings.mapping_for(name)``, must lie on the image's grid and
+    the sources are merged by the schema's union priority (:meth:`LabelSchema.merge`). Returns
+    ``(image float32 HU, label uint8 in our ids, affine)``.
+    """
+    if not labels:
+        raise ValueError(f"image {image_uri}: a case needs at least one label source")
+    shape = _shape(image_uri, "image", settings)
+    sources = []    # (what, uri, mapping, per-structure files or None)
+    for name, uri in labels.items():
+        what, mname = _what(name), settings.mapping_for(name)
+        mapping = None if mname is None else schema.source(mname)
+        files = _structure_files(uri, what, mapping) if storage.isdir(uri) else None
+        for f in [uri] if files is None else [u for _, u in files]:
+            lshape = _shape(f, what, settings)
+            if lshape != shape:
+                raise CaseRejected(f"{what} {f}: shape {lshape} does not match image shape {shape}")
+        sources.append((what, uri, mapping, files))
     img = _load(image_uri, "image")
     image = np.asarray(img.array, dtype=np.float32)
     if not np.isfinite(image).all():
         raise CaseRejected(f"image {image_uri}: {int((~np.isfinite(image)).sum())} non-finite voxels (NaN/inf)")
-    lab = _load(label_uri, "label")
-    if np.issubdtype(lab.array.dtype, np.floating):
-        raise CaseRejected(f"label {label_uri}: float dtype {lab.array.dtype}; label maps must be stored as integers")
-    try:
-        label = schema.map_source(lab.array, settings.label_mapping)
-    except ValueError as err:
-        raise CaseRejected(f"label {label_uri}: {err}") from None
+    maps = []
+    for what, uri, mapping, files in sources:
+        if files is not None:
+            maps.append(_structure_map(files, what, img, schema, settings))
+            continue
+        array = _load_label(uri, what, img, settings)
+        try:
+            maps.append(schema.map_source(array, mapping))
+        except ValueError as err:
+            raise CaseRejected(f"{what} {uri}: {err}") from None
+    label = maps[0] if len(maps) == 1 else schema.merge(maps)
     heart = int(np.isin(label, schema.cardiac_ids).sum())
     if heart < settings.min_heart_voxels:
-        raise CaseRejected(f"label {label_uri}: no heart voxels (none of the eight cardiac classes present)")
+        where = " + ".join(f"{what} {uri}" for what, uri, _, _ in sources)
+        raise CaseRejected(f"{where}: no heart voxels (none of the eight cardiac classes present)")
     sample = image.ravel()[:: max(1, image.size // 1_000_000)]
     lo, hi = float(image.min()), float(image.max())
     p1, p99 = np.percentile(sample, [1, 99])
@@ -133,6 +215,11 @@ def validate_pair(image_uri: str, label_uri: str, schema: LabelSchema, settings:
         raise CaseRejected(f"image {image_uri}: implausible HU range [{lo:.1f}, {hi:.1f}] "
                            f"(p1..p99 {p1:.1f}..{p99:.1f}); expected CT in Hounsfield units")
     return image, label, img.affine
+
+
+def validate_pair(image_uri: str, label_uri: str, schema: LabelSchema, settings: PrepareSettings):
+    """:func:`validate_case` of an image and its single label file (source ``label``)."""
+    return validate_case(image_uri, {"label": label_uri}, schema, settings)
 
 
 def load_case(image_uri: str, label_uri: str, schema: LabelSchema, max_voxels: int = 512 * 512 * 1024,
@@ -191,12 +278,18 @@ def to_preset_grid(image: np.ndarray, label: np.ndarray, affine: np.ndarray, sch
             out_affine)
 
 
-def prepare_pair(case_id: str, image_uri: str, label_uri: str, schema: LabelSchema,
+def prepare_case(case_id: str, image_uri: str, labels: Mapping[str, str], schema: LabelSchema,
                  settings: PrepareSettings) -> PreparedCase:
-    """Validate one pair and bring it onto the preset grid; raises :class:`CaseRejected`."""
-    image, label, affine = validate_pair(image_uri, label_uri, schema, settings)
+    """Validate one case (:func:`validate_case`) and bring it onto the preset grid; raises :class:`CaseRejected`."""
+    image, label, affine = validate_case(image_uri, labels, schema, settings)
     image, label, affine = to_preset_grid(image, label, affine, schema, settings)
     return PreparedCase(case_id, image, label, affine, source=image_uri)
+
+
+def prepare_pair(case_id: str, image_uri: str, label_uri: str, schema: LabelSchema,
+                 settings: PrepareSettings) -> PreparedCase:
+    """:func:`prepare_case` of an image and its single label file."""
+    return prepare_case(case_id, image_uri, {"label": label_uri}, schema, settings)
 
 
 def prepare_phantom(seed: int, schema: LabelSchema, settings: PrepareSettings) -> PreparedCase:

@@ -93,6 +93,8 @@ def test_union_respects_priority():
         ("imagecas", [0, 1], [0, 8]),
         ("totalsegmentator_heartchambers", [1, 2, 3, 4, 5, 6, 7], [5, 3, 1, 4, 2, 6, 7]),
         ("maisi", [0, 6, 28, 32, 115], [0, 6, 9, 9, 11]),  # 115 (heart) -> default soft tissue
+        # TotalSegmentator total: lung lobes, vertebrae, ribs, sternum; costal cartilage, heart, aorta -> soft tissue
+        ("totalsegmentator_total", [0, 10, 14, 26, 92, 115, 116, 117, 51, 52], [0, 9, 9, 10, 10, 10, 10, 11, 11, 11]),
     ],
 )
 def test_source_mappings(source, src_ids, ours):
@@ -113,4 +115,34 @@ def test_invalid_schema_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nclasses: {background: 0, a: 1, b: 1}\npriority: [a, b]\n")
     with pytest.raises(ValueError, match="unique"):
+        L.load_schema(str(bad))
+
+
+def test_totalsegmentator_mappings_name_their_structure_files():
+    chambers, total = SCHEMA.source("totalsegmentator_heartchambers"), SCHEMA.source("totalsegmentator_total")
+    assert chambers.files["heart_myocardium"] == SCHEMA.id("lv_myocardium") and len(chambers.files) == 7
+    assert len(total.files) == 117 and total.files["lung_middle_lobe_right"] == SCHEMA.id("lung")
+    assert total.files["rib_right_12"] == SCHEMA.id("bone") and total.files["heart"] == SCHEMA.id("soft_tissue")
+    with pytest.raises(ValueError, match="not in mapping"):
+        SCHEMA.map_source(np.array([0, 1, 118]), total)
+
+
+def test_a_binary_mask_is_refused_by_a_multilabel_mapping():
+    with pytest.raises(ValueError, match="binary mask"):
+        SCHEMA.map_source(np.array([0, 1, 1, 0]), "totalsegmentator_heartchambers")
+    assert SCHEMA.map_source(np.array([0, 1, 0]), "imagecas").tolist() == [0, 8, 0]   # binary by nature
+
+
+def test_merge_of_label_maps_is_the_union_of_their_classes():
+    rng = np.random.default_rng(1)
+    maps = [rng.choice(ALL_IDS, size=(5, 6, 7)).astype(np.uint8) for _ in range(3)]
+    binaries = {c: np.any([m == c for m in maps], axis=0) for c in ALL_IDS if c}
+    assert np.array_equal(SCHEMA.merge(maps), SCHEMA.union(binaries, maps[0].shape))
+
+
+def test_a_structure_without_a_class_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nclasses: {background: 0, a: 1}\npriority: [a]\n"
+                   "sources: {s: {names: {1: foo, 2: bar}, classes: {foo: a}}}\n")
+    with pytest.raises(ValueError, match="'bar'.*matches no pattern"):
         L.load_schema(str(bad))

@@ -1,8 +1,9 @@
 """Ray Data wiring of ``jobs/prepare.py``: sources -> validate/resample/write (CPU tasks) -> manifests.
 
-The science is in :mod:`fcas.prepare`; here only the listing of sources, the Ray Data map, the
-split assignment over the finished rows and the two Parquet manifests (``cases.parquet``,
-``rejects.parquet``). A bad case never stops the job: it becomes a reject row with its reason.
+The science is in :mod:`fcas.prepare`; here only the listing of sources (an image glob and one glob
+per label source, the ``*`` of each being the case key), the Ray Data map, the split assignment over
+the finished rows and the two Parquet manifests (``cases.parquet``, ``rejects.parquet``). A bad case
+never stops the job: it becomes a reject row with its reason.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import ray
 
 from fcas.io import manifest, storage
 from fcas.labels import load_schema
-from fcas.prepare import CaseRejected, PrepareSettings, assign_splits, prepare_pair, prepare_phantom, safe_case_id, write_case
+from fcas.prepare import (CaseRejected, PrepareSettings, assign_splits, prepare_case, prepare_phantom, safe_case_id,
+                          write_case)
 from fcas.pipeline.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -27,11 +29,20 @@ class PrepareJob:
     out: str
     settings: PrepareSettings
     images: str = "*_image.nii.gz"    # glob under the source dir; the '*' part is the case key
-    labels: str = "*_label.nii.gz"
+    # the label sources of a case: one glob (source "label") or {source name: glob} (null: unused), each a
+    # file or per-structure folder per case, merged by the schema's priority
+    labels: str | tuple[tuple[str, str], ...] = "*_label.nii.gz"
     schema: str = "cardiac"
     splits: tuple[tuple[str, float], ...] = (("train", 0.6), ("template", 0.1), ("reference", 0.2), ("test", 0.1))
     seed: int = 0
     preview: int = 3                  # cases shown in out/preview.png (0: none)
+
+    def __post_init__(self) -> None:
+        labels = {"label": self.labels} if isinstance(self.labels, str) else dict(self.labels)
+        labels = tuple((str(k), str(v)) for k, v in labels.items() if v is not None)
+        if not labels:
+            raise ValueError(f"labels: no label source given ({self.labels!r})")
+        object.__setattr__(self, "labels", labels)
 
 
 def _key(uri: str, pattern: str) -> str | None:
@@ -53,20 +64,25 @@ def list_sources(job: PrepareJob) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"source {src!r}: expected phantom:<count>") from None
         if n < 1:
             raise ValueError(f"source {src!r}: the phantom count must be positive")
-        return [{"kind": "phantom", "seed": i, "image_uri": "", "label_uri": "", "case_id": ""} for i in range(n)], []
+        return [{"kind": "phantom", "seed": i, "image_uri": "", "case_id": "", "labels": "{}"} for i in range(n)], []
     root = src[4:] if src.startswith("dir:") else src
     if not storage.isdir(root):
         raise ValueError(f"source {src!r}: not a directory (or phantom:N)")
-    images = {_key(u, job.images): u for u in storage.glob(storage.join(root, job.images))}
-    labels = {_key(u, job.labels): u for u in storage.glob(storage.join(root, job.labels))}
-    images.pop(None, None), labels.pop(None, None)
-    if not images and not labels:
-        raise ValueError(f"source {src!r}: no files match images={job.images!r} / labels={job.labels!r}")
+    globs = dict(job.labels)
+    schema = load_schema(job.schema)
+    for mapping in {job.settings.mapping_for(name) for name in globs} - {None}:
+        schema.source(mapping)   # an unknown mapping is the config's mistake (ValueError), not a case's
+    images = _matches(root, job.images)
+    labels = {name: _matches(root, g) for name, g in globs.items()}
+    if not images and not any(labels.values()):
+        raise ValueError(f"source {src!r}: no files match images={job.images!r} / labels={globs}")
+    what = {name: "label" if name == "label" else f"{name} label" for name in globs}
     items, rejects = [], []
     used: dict[str, str] = {}   # case id -> the image it came from (sanitizing may map two names to one id)
     for key in sorted(images):
-        if key not in labels:
-            rejects.append({"source": images[key], "reason": f"image {images[key]}: no label file matching {job.labels!r}", "stage": "list"})
+        missing = ", ".join(f"no {what[n]} file matching {globs[n]!r}" for n in globs if key not in labels[n])
+        if missing:
+            rejects.append({"source": images[key], "reason": f"image {images[key]}: {missing}", "stage": "list"})
             continue
         try:
             cid = safe_case_id(key)
@@ -78,11 +94,21 @@ def list_sources(job: PrepareJob) -> tuple[list[dict], list[dict]]:
                                                              f"is already used by {used[cid]}", "stage": "list"})
             continue
         used[cid] = images[key]
-        items.append({"kind": "pair", "seed": -1, "image_uri": images[key], "label_uri": labels[key],
-                      "case_id": cid})
-    for key in sorted(set(labels) - set(images)):
-        rejects.append({"source": labels[key], "reason": f"label {labels[key]}: no image file matching {job.images!r}", "stage": "list"})
+        items.append({"kind": "case", "seed": -1, "image_uri": images[key], "case_id": cid,
+                      "labels": json.dumps({n: labels[n][key] for n in globs})})
+    for name in globs:
+        for key in sorted(set(labels[name]) - set(images)):
+            uri = labels[name][key]
+            rejects.append({"source": uri, "reason": f"{what[name]} {uri}: no image file matching {job.images!r}",
+                            "stage": "list"})
     return items, rejects
+
+
+def _matches(root: str, pattern: str) -> dict[str, str]:
+    """{case key: uri} of the files and folders matching ``pattern`` under ``root``."""
+    found = {_key(u, pattern): u for u in storage.glob(storage.join(root, pattern))}
+    found.pop(None, None)
+    return found
 
 
 class PrepareCase:
@@ -98,7 +124,8 @@ class PrepareCase:
             if item["kind"] == "phantom":
                 case = prepare_phantom(int(item["seed"]), self.schema, self.job.settings)
             else:
-                case = prepare_pair(item["case_id"], item["image_uri"], item["label_uri"], self.schema, self.job.settings)
+                case = prepare_case(item["case_id"], item["image_uri"], json.loads(item["labels"]), self.schema,
+                                    self.job.settings)
             row = write_case(case, self.job.out, self.schema)
             return {"ok": True, "row": json.dumps(row), "reason": "", "source": source}
         except CaseRejected as err:
