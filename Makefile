@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install demo test clean weights tiny-checkpoint reproduce
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fcas.bundled import resolve
 from fcas.config_files import read_config
 from fcas.presets import load_preset
 
 __all__ = ["Figure", "HardwareProfile", "PlanRequest", "load_hardware", "make_plan", "format_plan"]
-
-ROOT = Path(__file__).resolve().parent.parent
 
 _UNIT_FIGURES = {
     "dm_s_per_step_per_latent_mvox": "s",
@@ -65,9 +64,7 @@ class HardwareProfile:
 
 
 def _measured(path: str) -> tuple[dict, str]:
-    p = Path(path)
-    if not p.is_absolute():
-        p = ROOT / p
+    p = Path(resolve(path))   # benchmarks/results/...: the cwd's, $FCAS_HOME's or the bundled copy
     if not p.is_file():
         raise ValueError(f"hardware profile: benchmark results {p} not found; run benchmarks/synthesize.py --json {path}")
     data = json.loads(p.read_text())

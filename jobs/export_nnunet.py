@@ -8,26 +8,9 @@
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fcas.pipeline.cli import user_errors  # noqa: E402
-from fcas.export.nnunet import export_nnunet, settings_from_dict  # noqa: E402
-
-
-def run(cfg: DictConfig) -> dict:
-    s = export_nnunet(settings_from_dict(OmegaConf.to_container(cfg, resolve=True)))
-    print(f"export_nnunet: {s['numTraining']} training + {s['numTest']} test cases, {s['rejected']} rejected, "
-          f"{s['skipped']} kept from an earlier run, {s['folds']} folds in {s['seconds']} s -> {s['dataset']}")
-    return s
-
-
-@hydra.main(config_path="../configs", config_name="export_nnunet", version_base=None)
-@user_errors("export_nnunet")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from fcas.pipeline.commands import run_job  # noqa: E402
+from fcas.pipeline.commands.export_nnunet import main, run  # noqa: E402,F401  (the job itself; importable as before)
 
 if __name__ == "__main__":
-    main()
+    run_job("export_nnunet")

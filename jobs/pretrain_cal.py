@@ -7,25 +7,9 @@
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fcas.pipeline.cli import user_errors  # noqa: E402
-from fcas.pipeline.pretrain_cal import run as _run  # noqa: E402
-
-
-def run(cfg: DictConfig) -> dict:
-    s = _run(cfg)
-    print(f"pretrain_cal: step {s['step']}, last loss {s['last_loss']}, checkpoint {s['latest_checkpoint']}")
-    return s
-
-
-@hydra.main(config_path="../configs", config_name="pretrain_cal", version_base=None)
-@user_errors("pretrain_cal")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from fcas.pipeline.commands import run_job  # noqa: E402
+from fcas.pipeline.commands.pretrain_cal import main, run  # noqa: E402,F401  (the job itself; importable as before)
 
 if __name__ == "__main__":
-    main()
+    run_job("pretrain_cal")

@@ -6,25 +6,9 @@
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fcas.pipeline.cli import user_errors  # noqa: E402
-from fcas.pipeline.reproduce import run as _run  # noqa: E402
-
-
-def run(cfg: DictConfig) -> dict:
-    out = _run(cfg)
-    print(f"reproduce: results in {out['results']}; stage seconds {out['stages']}")
-    return out
-
-
-@hydra.main(config_path="../configs", config_name="reproduce", version_base=None)
-@user_errors("reproduce")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from fcas.pipeline.commands import run_job  # noqa: E402
+from fcas.pipeline.commands.reproduce import main, run  # noqa: E402,F401  (the job itself; importable as before)
 
 if __name__ == "__main__":
-    main()
+    run_job("reproduce")

@@ -6,25 +6,9 @@
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fcas.pipeline.cli import user_errors  # noqa: E402
-from fcas.pipeline.train_tcdm import run as _run  # noqa: E402
-
-
-def run(cfg: DictConfig) -> dict:
-    summary = _run(cfg)
-    print(f"train_tcdm: latest checkpoint {summary['latest_checkpoint']}")
-    return summary
-
-
-@hydra.main(config_path="../configs", config_name="train_tcdm", version_base=None)
-@user_errors("train_tcdm")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from fcas.pipeline.commands import run_job  # noqa: E402
+from fcas.pipeline.commands.train_tcdm import main, run  # noqa: E402,F401  (the job itself; importable as before)
 
 if __name__ == "__main__":
-    main()
+    run_job("train_tcdm")

@@ -189,7 +189,7 @@ def test_dockerfile_is_pinned_and_installs_the_package():
     if make_torch:  # the same torch as the development environment
         assert make_torch.group(1) == torch
     assert re.search(r"pip install -e \.", text)
-    for path in ("pyproject.toml", "fcas", "configs", "jobs"):
+    for path in ("pyproject.toml", "setup.py", "fcas", "configs", "checkpoints", "benchmarks/results", "jobs"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, flags=re.M), f"{path} not copied"
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["RAY_VERSION"])
 

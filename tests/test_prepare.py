@@ -118,3 +118,65 @@ def test_cli_writes_phantom_cases_on_the_preset_grid(ray_local, tmp_path):
     assert pq.read_table(out / "rejects.parquet").num_rows == 0
     assert json.loads((out / "prepare_summary.json").read_text())["written"] == 6
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_disk_full_while_preparing_fails_the_job_instead_of_becoming_a_reject(tmp_path, monkeypatch):
+    """ENOSPC (a storage error, not a problem of the case) is retried with backoff, then the case's row
+    is fatal and names the file; a transient error that goes away costs nothing; a bad case is still a
+    reject. (PrepareCase in-process: the injected write error cannot reach Ray's worker processes.)"""
+    import errno
+
+    from fcas.io import storage
+    from fcas.pipeline.prepare import PrepareCase
+
+    tiny = load_preset("tiny")
+    job = PrepareJob(source="phantom:2", out=str(tmp_path / "lib"),
+                     settings=PrepareSettings(shape=tiny.shape, spacing=tiny.spacing), io_tries=3, io_delay=0.01)
+    real_write = nifti.write_nifti
+    calls = []
+
+    def full_disk(uri, *a, **k):
+        calls.append(uri)
+        raise OSError(errno.ENOSPC, f"No space left on device (writing {uri})")
+
+    monkeypatch.setattr(nifti, "write_nifti", full_disk)
+    item = {"kind": "phantom", "seed": 0, "image_uri": "", "case_id": "phantom_0000", "labels": "{}"}
+    r = PrepareCase(job)(item)
+    assert r["fatal"] and not r["ok"] and len(calls) == 3                  # 3 tries, then the job must fail
+    assert r["reason"].startswith("phantom:0: storage error after 3 tries: OSError: [Errno 28] No space left")
+    assert "phantom_0000" in r["reason"]                                   # names the file it could not write
+    flaky = iter([OSError(errno.EIO, "Input/output error")])
+
+    def once_then_fine(uri, *a, **k):
+        err = next(flaky, None)
+        if err is not None:
+            raise err
+        return real_write(uri, *a, **k)
+
+    monkeypatch.setattr(nifti, "write_nifti", once_then_fine)
+    ok = PrepareCase(job)(item)
+    assert ok["ok"] and not ok["fatal"] and Path(json.loads(ok["row"])["image_uri"]).exists()
+    monkeypatch.setattr(nifti, "write_nifti", real_write)
+    bad = PrepareCase(job)({"kind": "file", "seed": 0, "image_uri": str(tmp_path / "missing_image.nii.gz"),
+                            "case_id": "missing", "labels": json.dumps({"label": str(tmp_path / "x.nii.gz")})})
+    assert not bad["ok"] and not bad["fatal"]                              # an input problem: a reject
+    with pytest.raises(storage.StorageError, match="disk: storage error after 2 tries"):
+        storage.retry_io(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")), "disk", tries=2,
+                         base_delay=0)
+    with pytest.raises(PermissionError):                                   # not transient: at once
+        storage.retry_io(lambda: (_ for _ in ()).throw(PermissionError(13, "denied")), "x", tries=5, base_delay=10)
+
+
+def test_a_storage_error_ends_a_job_with_one_line_and_status_1(capsys):
+    from fcas.io.storage import StorageError
+    from fcas.pipeline.cli import user_errors
+
+    @user_errors("prepare")
+    def main(cfg):
+        raise StorageError("phantom:3: storage error after 4 tries: OSError: [Errno 28] No space left on device")
+
+    with pytest.raises(SystemExit) as ex:
+        main({})
+    assert ex.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "prepare: phantom:3: storage error after 4 tries: OSError: [Errno 28] No space left on device"]

@@ -414,17 +414,27 @@ def test_credential_overrides_pass_ordinary_arguments():
 
 
 def test_every_job_checks_credentials_through_user_errors():
-    """Each jobs/*.py main is ``@hydra.main`` over ``@user_errors(<job>)``: user_errors refuses
-    credential overrides before Hydra parses sys.argv and the composed config before the job runs."""
-    jobs = sorted((ROOT / "jobs").glob("*.py"))
-    assert {p.stem for p in jobs} >= {"evaluate", "export_nnunet", "plan", "prepare", "pretrain_cal", "reproduce",
-                                      "synthesize", "train_tcdm", "train_vae"}
-    for path in jobs:
-        mains = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main"]
-        assert len(mains) == 1, path
-        decorators = [ast.unparse(d) for d in mains[0].decorator_list]
+    """Each job's main (fcas/pipeline/commands/<job>.py) is ``@hydra.main`` over ``@user_errors(<job>)``, and
+    every way in (jobs/<job>.py, ``fcas <job>``, ``fcas-<job>``, ``python -m fcas``) goes through
+    ``run_job``, which refuses credential overrides before Hydra parses sys.argv; user_errors refuses the
+    composed config before the job runs."""
+    from fcas.pipeline.commands import JOBS
+
+    assert set(JOBS) >= {"evaluate", "export_nnunet", "plan", "prepare", "pretrain_cal", "reproduce",
+                         "synthesize", "train_tcdm", "train_vae"}
+    assert {p.stem for p in (ROOT / "jobs").glob("*.py")} == set(JOBS)
+    assert {p.stem for p in (ROOT / "fcas" / "pipeline" / "commands").glob("*.py")} == {"__init__", *JOBS}
+    for job in JOBS:
+        path = ROOT / "fcas" / "pipeline" / "commands" / f"{job}.py"
+        defs = {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        decorators = [ast.unparse(d) for d in defs["main"].decorator_list]
         assert len(decorators) == 2 and decorators[0].startswith("hydra.main("), (path, decorators)
-        assert decorators[1] == f"user_errors('{path.stem}')", (path, decorators)
+        assert decorators[1] == f"user_errors('{job}')", (path, decorators)
+        assert [ast.unparse(n) for n in defs["command"].body if isinstance(n, ast.Expr)][-1] == f"run_job('{job}')"
+        script = ast.parse((ROOT / "jobs" / f"{job}.py").read_text())
+        assert not [n for n in ast.walk(script) if isinstance(n, ast.FunctionDef)], f"jobs/{job}.py defines a main"
+        calls = [ast.unparse(n) for n in ast.walk(script) if isinstance(n, ast.Call)]
+        assert f"run_job('{job}')" in calls, (job, calls)
 
 
 def _run_job(job: str, *args: str, **kw) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from fcas.bundled import resolve
 from fcas.io import nifti, storage
 
 __all__ = ["EvaluateSettings", "settings_from_dict", "read_learning_curve", "write_report"]
@@ -144,7 +145,7 @@ def read_learning_curve(uri: str) -> dict[str, np.ndarray]:
     """Training metrics ``{"step": (N,), <metric>: (N,), ...}`` from JSON lines, CSV (header row),
     JSON (a list of rows or a dict of lists) or a checkpoint's ``history.pt``. Needs a ``step`` column
     (else the row index is used) and at least one other numeric column."""
-    raw = storage.read_bytes(uri)
+    raw = storage.read_bytes(resolve(uri))   # e.g. checkpoints/demo/history.pt from any directory
     if uri.endswith(".pt"):
         hist = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         cols = {k: np.asarray(torch.as_tensor(v), dtype=np.float64) for k, v in hist.items()}

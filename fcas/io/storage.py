@@ -25,11 +25,13 @@ Thin glue over fsspec, hand-written here.
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
 import tempfile
-from typing import Any
+import time
+from typing import Any, Callable
 
 import fsspec
 from fsspec.core import split_protocol
@@ -77,6 +79,49 @@ def _require_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
             f"s3://{bucket}: bucket does not exist (FCaS never creates buckets; create it first)") from None
     except OSError:
         pass
+
+
+class StorageError(OSError):
+    """A storage operation that kept failing with a transient error (disk full, I/O error, connection
+    lost, throttled) after :func:`retry_io`'s tries: the job fails with one line naming the file."""
+
+
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ENETUNREACH,
+                     errno.EHOSTUNREACH, errno.ENETDOWN}
+_TRANSIENT_WORDS = ("SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError",
+                    "Connection reset", "Connection aborted", "ConnectTimeout", "ReadTimeout")
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors of the storage rather than of the data: disk full, I/O errors, lost or refused
+    connections, timeouts, object-store throttling (5xx / SlowDown). A missing file, a permission problem
+    or a corrupt file are not (they do not go away by trying again)."""
+    if isinstance(err, StorageError):
+        return False   # already retried
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = f"{type(err).__name__}: {err}"
+    return any(w in text for w in _TRANSIENT_WORDS)
+
+
+def retry_io(fn: Callable[[], Any], what: str, tries: int = 4, base_delay: float = 0.5) -> Any:
+    """``fn()``, retried with exponential backoff (``base_delay`` s, doubling) while it raises a
+    transient error (:func:`is_transient`); after ``tries`` it raises :class:`StorageError` naming
+    ``what`` and the last error. Any other error propagates at once."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as err:   # noqa: BLE001 - classified right here
+            if not is_transient(err):
+                raise
+            if attempt + 1 == tries:
+                raise StorageError(f"{what}: storage error after {tries} tries: "
+                                   f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            time.sleep(base_delay * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def _protocol(uri: str) -> str | None:
@@ -257,11 +302,13 @@ def atomic_write_bytes(uri: str | os.PathLike, data: bytes | bytearray | memoryv
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            if isinstance(err, OSError) and err.errno is not None and type(err) is OSError:
+                raise OSError(err.errno, f"{err.strerror} (writing {uri})") from err   # name the file, not the temp
             raise
         return
     try:

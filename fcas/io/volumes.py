@@ -70,7 +70,7 @@ def structure_name(uri: str) -> str | None:
 def _sitk():
     try:
         import SimpleITK
-    except ImportError:  # pragma: no cover - SimpleITK is in the test extra
+    except ImportError:  # pragma: no cover - SimpleITK is a dependency
         raise VolumeError("reading NRRD, MetaImage or DICOM needs SimpleITK (pip install SimpleITK)") from None
     return SimpleITK
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fcas.bundled import resolve
 from fcas.models.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_into
 from fcas.io import storage
 from fcas.models.networks import TCDM, ModelConfig, VAEConfig, build_tcdm, build_vae
@@ -55,7 +56,7 @@ def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module
         vae = load_maisi_autoencoder(str(spec)[len("maisi:"):], cfg)
         digest, scale = str(spec), None
     else:
-        uri = str(spec)
+        uri = resolve(str(spec))   # a bundled checkpoint (checkpoints/demo) from any directory
         if not storage.exists(storage.join(uri, "checkpoint.json")):
             uri = latest_checkpoint(uri) or uri  # a training output root: its latest checkpoint
         ck = load_checkpoint(uri)
@@ -108,6 +109,7 @@ def load_tcdm(uri: str, map_location: str | torch.device = "cpu", expected_diges
     """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder, or a training output root (its
     latest checkpoint; its EMA weights when it kept them, see :func:`tcdm_weights`); eval mode, float32, frozen. ``expected_digest``: refuse (``ValueError``) a
     checkpoint whose digest differs (see :func:`fcas.models.checkpoint.load_checkpoint`)."""
+    uri = resolve(uri)   # a bundled checkpoint (checkpoints/demo) from any directory
     if not storage.exists(storage.join(uri, "checkpoint.json")):
         uri = latest_checkpoint(uri) or uri
     ck: Checkpoint = load_checkpoint(uri, expected_digest=expected_digest)

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from fcas.bundled import resolve
 from fcas.io import storage
 
 __all__ = [
@@ -120,16 +121,18 @@ def save_checkpoint(
 
 def checkpoint_digest(uri: str) -> str:
     """sha256 of the checkpoint's ``checkpoint.json`` (which pins every file's sha256)."""
-    return hashlib.sha256(storage.read_bytes(storage.join(uri, MANIFEST))).hexdigest()
+    return hashlib.sha256(storage.read_bytes(storage.join(resolve(uri), MANIFEST))).hexdigest()
 
 
 def load_checkpoint(uri: str, expected_digest: str | None = None) -> Checkpoint:
     """Read and verify a checkpoint folder's manifest and config (weights load lazily, each checked
-    against its sha256 in ``checkpoint.json``).
+    against its sha256 in ``checkpoint.json``). A bundled one (``checkpoints/demo``) is found from any
+    directory (:func:`fcas.bundled.resolve`).
 
     ``expected_digest``: when given (e.g. the ``checkpoint_digest`` a run recorded), the sha256 of
     ``checkpoint.json`` must equal it, so a swapped or retrained checkpoint is refused before use.
     """
+    uri = resolve(uri)
     man_uri = storage.join(uri, MANIFEST)
     if not storage.exists(man_uri):
         raise ValueError(f"{man_uri} not found: {uri} is not a complete checkpoint")

@@ -36,8 +36,12 @@ class PrepareJob:
     splits: tuple[tuple[str, float], ...] = (("train", 0.6), ("template", 0.1), ("reference", 0.2), ("test", 0.1))
     seed: int = 0
     preview: int = 3                  # cases shown in out/preview.png (0: none)
+    io_tries: int = 4                 # tries of a case whose storage fails transiently (then the job fails)
+    io_delay: float = 0.5             # s before the 2nd try, doubling
 
     def __post_init__(self) -> None:
+        if self.io_tries < 1 or self.io_delay < 0:
+            raise ValueError(f"io_tries must be >= 1 and io_delay >= 0, got {self.io_tries}, {self.io_delay}")
         labels = {"label": self.labels} if isinstance(self.labels, str) else dict(self.labels)
         labels = tuple((str(k), str(v)) for k, v in labels.items() if v is not None)
         if not labels:
@@ -118,20 +122,30 @@ class PrepareCase:
         self.job = job
         self.schema = load_schema(job.schema)
 
+    def _case(self, item: dict) -> dict:
+        if item["kind"] == "phantom":
+            case = prepare_phantom(int(item["seed"]), self.schema, self.job.settings)
+        else:
+            case = prepare_case(item["case_id"], item["image_uri"], json.loads(item["labels"]), self.schema,
+                                self.job.settings)
+        return write_case(case, self.job.out, self.schema)
+
     def __call__(self, item: dict) -> dict:
+        """A problem of the input becomes this case's reject; a storage error (disk full, I/O error,
+        lost connection, throttling) is retried with backoff and then fails the job (``fatal``): a
+        library missing cases because the disk was full would silently change every sample."""
         source = item["image_uri"] or f"phantom:{item['seed']}"
         try:
-            if item["kind"] == "phantom":
-                case = prepare_phantom(int(item["seed"]), self.schema, self.job.settings)
-            else:
-                case = prepare_case(item["case_id"], item["image_uri"], json.loads(item["labels"]), self.schema,
-                                    self.job.settings)
-            row = write_case(case, self.job.out, self.schema)
-            return {"ok": True, "row": json.dumps(row), "reason": "", "source": source}
+            row = storage.retry_io(lambda: self._case(item), source, tries=self.job.io_tries,
+                                   base_delay=self.job.io_delay)
+            return {"ok": True, "row": json.dumps(row), "reason": "", "source": source, "fatal": False}
         except CaseRejected as err:
-            return {"ok": False, "row": "", "reason": str(err), "source": source}
+            return {"ok": False, "row": "", "reason": str(err), "source": source, "fatal": False}
+        except storage.StorageError as err:
+            return {"ok": False, "row": "", "reason": str(err), "source": source, "fatal": True}
         except Exception as err:  # unexpected failure of one case: record it, keep the job going
-            return {"ok": False, "row": "", "reason": f"{source}: {type(err).__name__}: {err}".splitlines()[0], "source": source}
+            reason = f"{source}: {type(err).__name__}: {err}".splitlines()[0]
+            return {"ok": False, "row": "", "reason": reason, "source": source, "fatal": False}
 
 
 def write_preview(rows: list[dict], uri: str) -> None:
@@ -156,6 +170,8 @@ def run_prepare(job: PrepareJob, ray_address: str | None = None) -> dict:
         ensure_ray(ray_address)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
         for r in ds.map(PrepareCase(job), num_cpus=1).iter_rows():
+            if r["fatal"]:   # stop at once: nothing of a half library is published (no cases.parquet)
+                raise storage.StorageError(r["reason"])
             if r["ok"]:
                 cases.append(json.loads(r["row"]))
             else:

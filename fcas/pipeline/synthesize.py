@@ -19,8 +19,10 @@ from functools import partial
 import numpy as np
 import ray
 
+from fcas.bundled import resolve
 from fcas.deform.stage import MGMStage
 from fcas.io import storage
+from fcas.io.datalist import DATALIST_FILE, write_datalist
 from fcas.models.checkpoint import checkpoint_digest, latest_checkpoint
 from fcas.models.networks import LATENT_DOWNSAMPLE
 from fcas.pipeline.prepare import PrepareJob, run_prepare
@@ -164,7 +166,7 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
     identity (``out/run.json``) are checked.
     """
     for name in ("manifest", "rejects", "samples", "templates", "quarantine", "summary.json", "run.json",
-                 LEASE_FILE):
+                 LEASE_FILE, DATALIST_FILE):
         safe_child(job.out, name)
     check_checkpoint_fits(job)
     if not job.templates.startswith("phantom:"):
@@ -254,6 +256,8 @@ def _run_leased(job: SynthesisJob, lease: Lease, ray_address: str | None, progre
         bar.close()
     compact_run(job.out, min_shards=2)
     table = read_run_manifest(job.out)
+    if table.num_rows:   # MONAI users load the run from it (paths relative to out)
+        write_datalist(job.out)
     elapsed = time.time() - t_start
     written_ids = table.column("sample_id").to_numpy()
     n_rejects = len(rejected_ids(job.out) - set(written_ids.tolist()))
@@ -286,14 +290,15 @@ def _stage_totals(table) -> dict[str, float]:
     if len(col) == 0:
         return {}
     sums = pa.table({"k": col.keys, "v": col.items}).group_by("k").aggregate([("v", "sum")])
-    return {k: round(v, 3) for k, v in sorted(zip(sums["k"].to_pylist(), sums["v_sum"].to_pylist()))}
+    return {k: round(v, 3) for k, v in sorted(zip(sums["k"].to_pylist(), sums["v_sum"].to_pylist()))
+            if not k.endswith("_at")}   # instants (sampled_at, written_at) are not durations
 
 
 def _checked_digest(job: SynthesisJob, existing) -> str:
     """The digest of the checkpoint this run loads, refused (``ValueError``) when it differs from
     ``job.checkpoint_digest`` or from the digest the run's existing rows were made with: one run
     never mixes checkpoints. Sampler actors verify what they load against it."""
-    uri = job.checkpoint
+    uri = resolve(job.checkpoint)
     if not storage.exists(storage.join(uri, "checkpoint.json")):
         uri = latest_checkpoint(uri) or uri
     if not storage.exists(storage.join(uri, "checkpoint.json")):

@@ -186,6 +186,7 @@ class SamplerStage:
             result[key] = np.asarray([o[key] for o in outs], dtype=np.float64)
         result["sampler_error"] = np.asarray([o["sampler_error"] for o in outs], dtype=object)
         result["checkpoint_digest"] = np.asarray([self.bundle.digest] * len(outs), dtype=object)
+        result["sampled_at"] = np.full(len(outs), time.time())   # wall clock (s), for the writer's lag
         return result
 
 

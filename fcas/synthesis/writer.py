@@ -79,6 +79,8 @@ class WriterStage:
                                 self._preview(image, label, conf, affine, sid), threads=self.threads)
             timings = {k: float(batch[k][i]) for k in _TIMING_KEYS if k in batch}
             timings["write_s"] = time.perf_counter() - t0
+            if "sampled_at" in batch:   # wall-clock instants (s): sampled, and (below) durable in the manifest
+                timings["sampled_at"] = float(batch["sampled_at"][i])
             rows.append({
                 "sample_id": sid,
                 "seed": int(batch["seed"][i]),
@@ -95,6 +97,8 @@ class WriterStage:
             })
             status.append("written")
         # rows only after every file of the batch exists; rejects beside them
+        for r in rows:
+            r["timings"]["written_at"] = time.time()   # before the shard: a lower bound of when it is durable
         write_shard(self.out, rows)
         write_shard(self.out, rejects, schema=SAMPLE_REJECTS_SCHEMA, folder="rejects")
         done = np.full(len(status), time.time())   # when the batch's rows became durable (for rates)
