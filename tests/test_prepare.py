@@ -144,7 +144,7 @@ def test_a_disk_full_while_preparing_fails_the_job_instead_of_becoming_a_reject(
     r = PrepareCase(job)(item)
     assert r["fatal"] and not r["ok"] and len(calls) == 3                  # 3 tries, then the job must fail
     assert r["reason"].startswith("phantom:0: storage error after 3 tries: OSError: [Errno 28] No space left")
-    assert "phantom_0000" in r["reason"]                                   # names the file it could not write
+    assert "phantom_00000" in r["reason"]                                   # names the file it could not write
     flaky = iter([OSError(errno.EIO, "Input/output error")])
 
     def once_then_fine(uri, *a, **k):
@@ -180,3 +180,28 @@ def test_a_storage_error_ends_a_job_with_one_line_and_status_1(capsys):
     assert ex.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "prepare: phantom:3: storage error after 4 tries: OSError: [Errno 28] No space left on device"]
+
+
+def test_a_disk_full_on_ray_workers_fails_prepare_and_publishes_no_library(ray_local, tmp_path):
+    """Through Ray: phantom case 3 hits ENOSPC on every try, case 1 an EIO once. The EIO is retried away;
+    the ENOSPC fails the job with one line naming the file, and no cases.parquet (a smaller library) appears.
+    Without the disk-full case all 6 cases are written and none is rejected."""
+    from fcas.io.storage import StorageError
+    from fcas.synthesis.faults import FaultPlan
+
+    tiny = load_preset("tiny")
+    settings = PrepareSettings(shape=tiny.shape, spacing=tiny.spacing)
+    out = tmp_path / "lib"
+    faults = FaultPlan(marker_dir=str(tmp_path / "markers"), disk_full_ids=(3,), io_error_once_ids=(1,))
+    with pytest.raises(StorageError, match=r"^phantom:3: storage error after 3 tries: OSError: \[Errno 28\] "
+                                           r"No space left on device \(writing .*/cases/phantom_00003_image"):
+        run_prepare(PrepareJob(source="phantom:6", out=str(out), settings=settings, preview=0, io_tries=3,
+                               io_delay=0.01, faults=faults))
+    assert not (out / "cases.parquet").exists() and not (out / "rejects.parquet").exists()
+    ok = tmp_path / "lib-ok"
+    summary = run_prepare(PrepareJob(source="phantom:6", out=str(ok), settings=settings, preview=0, io_tries=3,
+                                     io_delay=0.01, faults=FaultPlan(marker_dir=str(tmp_path / "m2"),
+                                                                     io_error_once_ids=(1,))))
+    assert summary["written"] == 6 and summary["rejected"] == 0
+    assert pq.read_table(ok / "cases.parquet").num_rows == 6
+    assert (tmp_path / "m2" / "io-1").exists()          # the EIO really happened once, and was retried

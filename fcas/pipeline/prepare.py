@@ -19,6 +19,8 @@ from fcas.labels import load_schema
 from fcas.prepare import (CaseRejected, PrepareSettings, assign_splits, prepare_case, prepare_phantom, safe_case_id,
                           write_case)
 from fcas.pipeline.ray_env import ensure_ray
+from fcas.security import safe_child
+from fcas.synthesis.faults import FaultPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class PrepareJob:
     preview: int = 3                  # cases shown in out/preview.png (0: none)
     io_tries: int = 4                 # tries of a case whose storage fails transiently (then the job fails)
     io_delay: float = 0.5             # s before the 2nd try, doubling
+    faults: FaultPlan | None = None   # tests only: storage errors injected into phantom case writes
 
     def __post_init__(self) -> None:
         if self.io_tries < 1 or self.io_delay < 0:
@@ -125,6 +128,10 @@ class PrepareCase:
     def _case(self, item: dict) -> dict:
         if item["kind"] == "phantom":
             case = prepare_phantom(int(item["seed"]), self.schema, self.job.settings)
+            err = self.job.faults and self.job.faults.storage_error(
+                int(item["seed"]), safe_child(self.job.out, "cases", f"{case.case_id}_image.nii.gz"))
+            if err:
+                raise err
         else:
             case = prepare_case(item["case_id"], item["image_uri"], json.loads(item["labels"]), self.schema,
                                 self.job.settings)
@@ -148,14 +155,14 @@ class PrepareCase:
             return {"ok": False, "row": "", "reason": reason, "source": source, "fatal": False}
 
 
-def write_preview(rows: list[dict], uri: str) -> None:
-    """A tri-planar image + label overlay of a few written cases, read back from storage."""
+def write_preview(rows: list[dict], uri: str, root: str) -> None:
+    """A tri-planar image + label overlay of a few written cases (URIs relative to ``root``), read back."""
     from fcas.io import nifti
     from fcas.preview import grid_png
 
     cases = []
     for r in rows:
-        img, lab = nifti.read_nifti(r["image_uri"]), nifti.read_nifti(r["label_uri"])
+        img, lab = (nifti.read_nifti(storage.join(root, r[k])) for k in ("image_uri", "label_uri"))
         cases.append((img.array, lab.array, img.affine))
     storage.atomic_write_bytes(uri, grid_png(cases, None, titles=[r["case_id"] for r in rows]))
 
@@ -184,7 +191,7 @@ def run_prepare(job: PrepareJob, ray_address: str | None = None) -> dict:
     manifest.write_table(storage.join(job.out, "cases.parquet"), cases, manifest.CASES_SCHEMA)
     manifest.write_table(storage.join(job.out, "rejects.parquet"), rejects, manifest.REJECTS_SCHEMA)
     if job.preview and cases:
-        write_preview(cases[: job.preview], storage.join(job.out, "preview.png"))
+        write_preview(cases[: job.preview], storage.join(job.out, "preview.png"), job.out)
     summary = {
         "source": job.source,
         "out": job.out,

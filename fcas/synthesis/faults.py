@@ -8,6 +8,7 @@ Hand-written: no library injects faults into Ray Data stages.
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -23,9 +24,11 @@ class FaultPlan:
     marker_dir: str = ""
     writer_fail_once: bool = False                # each sample's first write raises after its image file
     sampler_error_ids: tuple[int, ...] = ()       # these sample ids raise in the sampler on every try
+    disk_full_ids: tuple[int, ...] = ()           # prepare: writing these phantom cases raises ENOSPC every time
+    io_error_once_ids: tuple[int, ...] = ()       # prepare: these phantom cases' first write raises EIO
 
     def __post_init__(self) -> None:
-        if (self.writer_fail_once or self.sampler_error_ids) and not self.marker_dir:
+        if (self.writer_fail_once or self.sampler_error_ids or self.io_error_once_ids) and not self.marker_dir:
             raise ValueError("FaultPlan needs marker_dir (a local folder) to record injected failures")
 
     def first_time(self, key: str) -> bool:
@@ -43,3 +46,11 @@ class FaultPlan:
 
     def sampler_should_fail(self, sample_id: int) -> bool:
         return int(sample_id) in self.sampler_error_ids
+
+    def storage_error(self, case_seed: int, uri: str) -> OSError | None:
+        """The storage error injected into the write of prepared case ``case_seed`` (None: none)."""
+        if int(case_seed) in self.disk_full_ids:
+            return OSError(errno.ENOSPC, f"No space left on device (writing {uri})")
+        if int(case_seed) in self.io_error_once_ids and self.first_time(f"io-{int(case_seed)}"):
+            return OSError(errno.EIO, f"Input/output error (writing {uri})")
+        return None
