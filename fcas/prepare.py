@@ -308,12 +308,14 @@ def class_voxels(label: np.ndarray, schema: LabelSchema) -> dict[str, int]:
 
 
 def write_case(case: PreparedCase, out: str, schema: LabelSchema) -> dict:
-    """Write image (int16 HU) and label (uint8) under ``out/cases/`` and return the manifest row."""
+    """Write image (int16 HU) and label (uint8) under ``out/cases/`` and return the manifest row, whose
+    ``image_uri`` / ``label_uri`` are relative to ``out`` (``cases/<id>_image.nii.gz``): a copied library reads
+    from its new place (:func:`fcas.io.manifest.read_cases`)."""
     # refuses a case id that is not a plain file name (from a caller that skipped safe_case_id)
-    image_uri = safe_child(out, "cases", f"{check_id(case.case_id, 'case id')}_image.nii.gz")
-    label_uri = safe_child(out, "cases", f"{case.case_id}_label.nii.gz")
-    nifti.write_nifti(image_uri, case.image, case.affine, kind="image")
-    nifti.write_nifti(label_uri, case.label, case.affine, kind="label")
+    image_uri = f"cases/{check_id(case.case_id, 'case id')}_image.nii.gz"
+    label_uri = f"cases/{case.case_id}_label.nii.gz"
+    nifti.write_nifti(safe_child(out, image_uri), case.image, case.affine, kind="image")
+    nifti.write_nifti(safe_child(out, label_uri), case.label, case.affine, kind="label")
     spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(0))
     return {
         "case_id": case.case_id,

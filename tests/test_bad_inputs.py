@@ -118,7 +118,8 @@ def test_prepare_rejects_each_bad_case_and_writes_every_good_one(tmp_path):
     assert files == sorted(f"{k}_{t}.nii.gz" for k in GOOD_CASES for t in ("image", "label"))
     for key in GOOD_CASES:
         row = json.loads(results[key]["row"])
-        assert row["case_id"] == key and read_nifti(row["label_uri"]).array.shape == TINY.shape == tuple(row["shape"])
+        label = read_nifti(str(out / row["label_uri"]))   # stored relative to out
+        assert row["case_id"] == key and label.array.shape == TINY.shape == tuple(row["shape"])
         assert all(row["class_voxels"][n] > 0 for n in SCHEMA.cardiac), row["class_voxels"]
 
 

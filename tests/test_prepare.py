@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fcas.io import nifti
+from fcas.io import manifest, nifti
 from fcas.labels import default_schema
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.prepare import PrepareSettings, assign_splits, safe_case_id
@@ -33,7 +33,7 @@ def test_directory_with_one_of_each_bad_kind(ray_local, tmp_path):
     good = sorted(k for k, v in kinds.items() if v == "good")
     assert summary["written"] == len(good) == 3
     assert summary["rejected"] == len(BAD_KINDS) + 1  # + the orphan image
-    cases = pq.read_table(out / "cases.parquet").to_pylist()
+    cases = manifest.read_cases(str(out / "cases.parquet")).to_pylist()   # files relative to out, resolved
     assert sorted(r["case_id"] for r in cases) == good
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     by_key = {Path(r["source"]).name.split("_")[0]: r["reason"] for r in rejects}
@@ -104,7 +104,9 @@ def test_cli_writes_phantom_cases_on_the_preset_grid(ray_local, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "prepare: 6 cases written, 0 rejected" in proc.stdout
-    table = pq.read_table(out / "cases.parquet").to_pylist()
+    assert set(pq.read_table(out / "cases.parquet").column("image_uri").to_pylist()) == {
+        f"cases/phantom_{i:05d}_image.nii.gz" for i in range(6)}                   # stored relative to out
+    table = manifest.read_cases(str(out / "cases.parquet")).to_pylist()
     assert [r["case_id"] for r in table] == [f"phantom_{i:05d}" for i in range(6)]
     assert sorted(r["split"] for r in table) == ["reference", "template", "test", "train", "train", "train"]
     for row in table:
@@ -155,7 +157,7 @@ def test_a_disk_full_while_preparing_fails_the_job_instead_of_becoming_a_reject(
 
     monkeypatch.setattr(nifti, "write_nifti", once_then_fine)
     ok = PrepareCase(job)(item)
-    assert ok["ok"] and not ok["fatal"] and Path(json.loads(ok["row"])["image_uri"]).exists()
+    assert ok["ok"] and not ok["fatal"] and Path(job.out, json.loads(ok["row"])["image_uri"]).exists()
     monkeypatch.setattr(nifti, "write_nifti", real_write)
     bad = PrepareCase(job)({"kind": "file", "seed": 0, "image_uri": str(tmp_path / "missing_image.nii.gz"),
                             "case_id": "missing", "labels": json.dumps({"label": str(tmp_path / "x.nii.gz")})})

@@ -18,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fcas.config_files import CONFIG_DIR
-from fcas.io import volumes
+from fcas.io import manifest, volumes
 from fcas.labels import default_schema
 from fcas.phantom import make_case
 from fcas.prepare import CaseRejected, PrepareSettings, prepare_pair, validate_case, validate_pair
@@ -274,7 +274,7 @@ def test_cli_prepares_the_recipe_layout_as_documented(ray_local, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "prepare: 1 cases written, 2 rejected" in proc.stdout
-    row, = pq.read_table(out / "cases.parquet").to_pylist()
+    row, = manifest.read_cases(str(out / "cases.parquet")).to_pylist()
     twin = prepare_pair("1", str(src / "1.img.nii.gz"), _save(tmp_path / "ours.nii.gz", case.label, case.affine),
                         SCHEMA, _settings(label_mapping=None))
     np.testing.assert_array_equal(np.asanyarray(nib.load(row["label_uri"]).dataobj), twin.label)

@@ -282,7 +282,8 @@ def test_write_case_refuses_unsafe_case_ids(tmp_path, root, case_id):
 def test_write_case_writes_a_safe_case_under_the_root(tmp_path):
     case = PreparedCase("ct-01", np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), np.eye(4))
     row = write_case(case, str(tmp_path), default_schema())
-    assert row["image_uri"] == str(tmp_path / "cases" / "ct-01_image.nii.gz") and Path(row["label_uri"]).is_file()
+    assert row["image_uri"] == "cases/ct-01_image.nii.gz"   # relative to the library root
+    assert (tmp_path / row["image_uri"]).is_file() and (tmp_path / row["label_uri"]).is_file()
 
 
 # ---- credentials in configs ---------------------------------------------------------------------

@@ -69,7 +69,7 @@ def load_cases(
             [c.label for c in cases],
             [np.asarray(c.affine) for c in cases],
         )
-    from fcas.io.manifest import read_table
+    from fcas.io.manifest import read_cases
     from fcas.io.nifti import read_nifti
 
     uri = str(source)
@@ -77,7 +77,7 @@ def load_cases(
         uri = storage.join(uri, "cases.parquet")
     if not storage.exists(uri):
         raise ValueError(f"data source {source!r}: no cases manifest at {uri} (or use phantom:N)")
-    rows = read_table(uri).to_pylist()
+    rows = read_cases(uri, schema=None).to_pylist()   # files resolved against the manifest's folder
     if split is not None:
         rows = [r for r in rows if r.get("split") == split]
     if not rows:

@@ -122,10 +122,9 @@ def _ground_truth(s: EvaluateSettings) -> tuple[dict[str, str], dict[str, str]]:
     if s.data is None:
         raise ValueError("segmentation evaluation needs data=<cases.parquet or folder of label NIfTIs>")
     uri = str(s.data)
-    if not uri.endswith(".parquet") and storage.exists(storage.join(uri, "cases.parquet")):
-        uri = storage.join(uri, "cases.parquet")
+    uri = manifest.cases_uri(uri)
     if uri.endswith(".parquet"):
-        rows = manifest.read_table(uri).to_pylist()
+        rows = manifest.read_cases(uri, schema=None).to_pylist()   # files resolved against its folder
         if s.splits is not None:
             rows = [r for r in rows if r.get("split") in s.splits]
         if not rows:

@@ -164,7 +164,7 @@ def _library(s: EvaluateSettings) -> tuple[str, dict]:
         lib_uri = storage.join(lib_uri, "cases.parquet")
     if not storage.exists(lib_uri):
         raise ValueError(f"template library {lib_uri!r} does not exist; pass templates=<cases.parquet>")
-    return lib_uri, {r["case_id"]: r for r in manifest.read_table(lib_uri).to_pylist()}
+    return lib_uri, {r["case_id"]: r for r in manifest.read_cases(lib_uri, schema=None).to_pylist()}
 
 
 def _fid_block(s: EvaluateSettings, library: dict, features: VAEEncoderFeatures, synth_feats: list, pool) -> dict:

@@ -254,7 +254,7 @@ def list_items(settings: ExportSettings) -> list[ExportItem]:
                                     reference=str(r["reference_id"])))
     if settings.cases is not None:
         uri = _cases_table_uri(settings.cases)
-        table = manifest.read_table(uri, schema=manifest.CASES_SCHEMA)
+        table = manifest.read_cases(uri)   # files resolved against the manifest's folder
         if table.num_rows == 0:
             raise ValueError(f"prepared cases {uri}: no rows")
         for r in table.select(["case_id", "image_uri", "label_uri", "split"]).to_pylist():

@@ -2,10 +2,10 @@
 
 Schemas:
 
-* :data:`CASES_SCHEMA` -- one row per prepared case: ``case_id``, ``image_uri``, ``label_uri``,
-  ``shape`` (list<int32>, I J K), ``spacing`` (list<float64>, mm), ``class_voxels``
-  (map<string, int64>: voxel count per class name), ``split`` (train / template / reference /
-  test), ``source`` (where the case came from).
+* :data:`CASES_SCHEMA` -- one row per prepared case: ``case_id``, ``image_uri``, ``label_uri`` (relative
+  to the folder holding the manifest; read with :func:`read_cases`), ``shape`` (list<int32>, I J K),
+  ``spacing`` (list<float64>, mm), ``class_voxels`` (map<string, int64>: voxel count per class name),
+  ``split`` (train / template / reference / test), ``source`` (where the case came from).
 * :data:`REJECTS_SCHEMA` -- one row per input refused by a stage: ``source``, ``reason``, ``stage``.
 
 More schemas (the synthesis manifest, ...) are declared with :func:`make_schema` and added to
@@ -32,7 +32,9 @@ readers drop), and shards written meanwhile are not touched. Compacted files sor
 Portable URIs: a manifest may store its files relative to a root folder (a synthesis run stores
 ``samples/s00000012_image.nii.gz``), so a copied folder (S3 to local, one disk to another) still
 reads. :func:`resolve_uris` joins such values onto the root a reader was given; an absolute path or a
-URI with a scheme (``s3://``, ``file://``, as older manifests hold) is kept as it is.
+URI with a scheme (``s3://``, ``file://``, as older manifests hold) is kept as it is. A prepared
+``cases.parquet`` stores its files relative to the folder holding it (``cases/ct01_image.nii.gz``);
+:func:`read_cases` is the one reader of such manifests and resolves them against that folder.
 
 Hand-written row validation; Parquet I/O is pyarrow's.
 """
@@ -41,6 +43,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +70,10 @@ __all__ = [
     "map_to_dict",
     "compact",
     "resolve_uris",
+    "CASE_URI_COLUMNS",
+    "cases_uri",
+    "read_cases",
+    "resolve_cases",
     "READ_THREADS",
 ]
 
@@ -105,6 +112,8 @@ REJECTS_SCHEMA = make_schema(
         pa.field("stage", pa.string(), nullable=False),
     ],
 )
+
+CASE_URI_COLUMNS = ("image_uri", "label_uri")   # relative to the folder holding cases.parquet (absolute: old)
 
 #: Registered schemas by name; other modules add theirs (e.g. ``SCHEMAS["synthesis"] = ...``).
 SCHEMAS: dict[str, pa.Schema] = {"cases": CASES_SCHEMA, "rejects": REJECTS_SCHEMA}
@@ -428,6 +437,34 @@ def resolve_uris(table: pa.Table, root: str | os.PathLike, columns: Iterable[str
         i = table.schema.get_field_index(name)
         table = table.set_column(i, table.schema.field(i), resolved)
     return table
+
+
+def cases_uri(uri: str | os.PathLike) -> str:
+    """A cases manifest's file: ``uri`` itself, or the ``cases.parquet`` inside the folder ``uri`` when it has one."""
+    uri = os.fspath(uri)
+    if not uri.endswith(".parquet") and storage.exists(storage.join(uri, "cases.parquet")):
+        return storage.join(uri, "cases.parquet")
+    return uri
+
+
+def resolve_cases(table: pa.Table, uri: str | os.PathLike) -> pa.Table:
+    """A cases table read from ``uri`` with its :data:`CASE_URI_COLUMNS` (those present) resolved against the
+    folder holding ``uri`` (for a folder of shards: that folder), see :func:`resolve_uris`."""
+    uri = storage.absolute(os.fspath(uri))
+    root = uri if not uri.endswith(".parquet") and storage.isdir(uri) else posixpath.dirname(uri)
+    return resolve_uris(table, root, [c for c in CASE_URI_COLUMNS if c in table.column_names])
+
+
+def read_cases(uri: str | os.PathLike, resolve: bool = True, schema: pa.Schema | str | None = CASES_SCHEMA) -> pa.Table:
+    """A prepared cases manifest (``cases.parquet`` or the folder holding it) with absolute file URIs.
+
+    ``resolve``: relative ``image_uri`` / ``label_uri`` joined onto the manifest's folder, so a library copied
+    elsewhere reads from its new place (absolute ones of older manifests kept); False gives them as stored.
+    ``schema``: as :func:`read_table` (None: the file's own columns).
+    """
+    uri = cases_uri(uri)
+    table = read_table(uri, schema=schema)
+    return resolve_cases(table, uri) if resolve else table
 
 
 def map_to_dict(value) -> dict | None:

@@ -206,7 +206,7 @@ def check_template_library(library: TemplateLibrary, source: str, schema: str) -
     if missing:
         raise FileNotFoundError(f"{source}: {len(missing)} template/reference file(s) missing, e.g. {missing[0]}")
     cardiac = set(load_schema(schema).cardiac)
-    rows = manifest.read_table(source, schema=manifest.CASES_SCHEMA).to_pylist()
+    rows = manifest.read_cases(source, resolve=False).to_pylist()   # only ids and class_voxels are used
     for r in rows:
         if r["case_id"] in refs:
             voxels = r["class_voxels"] if isinstance(r["class_voxels"], dict) else manifest.map_to_dict(r["class_voxels"])

@@ -42,11 +42,14 @@ class TemplateLibrary:
     @classmethod
     def from_manifest(cls, cases_uri: str, template_split: str = "template",
                       reference_split: str = "reference") -> "TemplateLibrary":
-        rows = manifest.read_table(cases_uri, schema=manifest.CASES_SCHEMA).to_pylist()
-        if not rows:
+        uri = manifest.cases_uri(cases_uri)   # the file, or the cases.parquet in a folder given
+        table = manifest.read_cases(uri, resolve=False)
+        if not table.num_rows:
             raise ValueError(f"{cases_uri}: the cases manifest has no rows")
-        for r in rows:   # case ids name files downstream: refuse what is not a plain file name
-            check_id(r["case_id"], f"case id in {cases_uri}")
+        for case_id in table.column("case_id").to_pylist():   # case ids name files downstream: plain names only
+            check_id(case_id, f"case id in {cases_uri}")
+        # files relative to the manifest's folder (a copied library reads where it is)
+        rows = manifest.resolve_cases(table, uri).to_pylist()
         refs = {s: tuple(CaseRef(r["case_id"], r["image_uri"], r["label_uri"])
                          for r in sorted(rows, key=lambda r: r["case_id"]) if r["split"] == s)
                 for s in (template_split, reference_split)}
