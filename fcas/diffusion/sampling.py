@@ -5,7 +5,8 @@ The condition embedding ``E_ctrl(c_raw)`` (the only part of the ControlNet that 
 condition) does not depend on ``Z_t`` or ``t``, so it is computed ONCE per call and reused at every
 step (:class:`fcas.models.networks.TemplateControlNet` accepts it precomputed). Latents larger than
 one window are denoised window by window at each step with MONAI's ``SlidingWindowInferer`` (the
-latent and the condition embedding share the latent grid, so they are windowed together).
+latent and the condition embedding share the latent grid, so they are windowed together). MAISI's
+networks (``model=maisi*``) also get the voxel spacing: the bundle's, or ``spacing=``.
 
 All randomness comes from the caller's ``torch.Generator`` (initial noise, and DDPM / eta>0 noise).
 """
@@ -67,6 +68,7 @@ def sample(
     window_overlap: float = 0.25,
     latent_channels: int | None = None,
     clip_x0: float | None | str = "auto",
+    spacing: Sequence[float] | None = None,
 ) -> SampleResult:
     """Sample latents conditioned on ``condition``.
 
@@ -90,6 +92,8 @@ def sample(
         clip_x0: DDIM/DDPM clip the predicted x̂0 to ``[-clip_x0, clip_x0]`` before each step (latents
             are scaled to unit variance); None = no clipping; 'auto' = the bundle's
             ``config['sampling']['clip_x0']`` if set, else None. Not applied by RFlow.
+        spacing: voxel spacing (mm) for MAISI's networks (which need it); default: the bundle's.
+            MONAI's networks ignore it.
 
     Returns:
         :class:`SampleResult` (unpacks as ``latent, intermediates``).
@@ -122,18 +126,23 @@ def sample(
     z = torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(device, dtype)
 
     emb = model.embed_condition(condition) if cache_condition else None
+    kw = {}
+    if model.maisi is not None:
+        kw["spacing"] = spacing if spacing is not None else getattr(models, "spacing", None)
+        if kw["spacing"] is None:
+            raise ValueError("MAISI's networks need the voxel spacing: pass spacing= (or sample from a TCDMBundle)")
 
     def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = t.to(device).expand(z_t.shape[0])
         if window is None or all(w >= s for w, s in zip(window, z_t.shape[2:])):
-            return model(z_t, tt, c_raw=None if emb is not None else condition, cond_embedding=emb)
+            return model(z_t, tt, c_raw=None if emb is not None else condition, cond_embedding=emb, **kw)
         if emb is None:
             raise ValueError("sliding-window denoising needs cache_condition=True")
         inferer = SlidingWindowInferer(roi_size=tuple(window), sw_batch_size=1, overlap=window_overlap, mode="gaussian")
 
         def predictor(zc: torch.Tensor) -> torch.Tensor:
             zt_w, emb_w = zc[:, :c_lat], zc[:, c_lat:]
-            return model(zt_w, tt[: zt_w.shape[0]], cond_embedding=emb_w)
+            return model(zt_w, tt[: zt_w.shape[0]], cond_embedding=emb_w, **kw)
 
         return inferer(torch.cat([z_t, emb], dim=1), predictor)
 

@@ -10,7 +10,8 @@ trajectory as an uninterrupted one.
 ``unet_mode``: ``joint`` trains UNet and ControlNet together; ``pretrain_freeze`` (MAISI's recipe)
 first trains the UNet alone (unconditional) for ``pretrain_steps``, then freezes it and trains the
 ControlNet. The hooks ``wrap_model`` (e.g. Ray's ``prepare_model`` / DDP) and ``report`` are
-injected by the caller.
+injected by the caller. ``init=maisi:<unet>,<controlnet>`` starts a fresh run (``model=maisi*``) from
+MAISI's released weights (:mod:`fcas.models.maisi`); MAISI's networks also get the preset's spacing.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -40,7 +41,7 @@ from fcas.models.checkpoint import (
     save_checkpoint,
 )
 from fcas.io import storage
-from fcas.models.networks import ModelConfig, build_tcdm, jsonable
+from fcas.models.networks import ModelConfig, build_tcdm, jsonable, maisi_inputs
 from fcas.models.optim import SCHEDULES, lr_at, make_ema
 from fcas.models.vae import compute_scale_factor, vae_encode
 
@@ -107,6 +108,7 @@ class TCDMSettings:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     vae: str | None = None
+    init: str | None = None   # maisi:<unet file>,<controlnet file>: a fresh run starts from MAISI's weights
     preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
@@ -122,6 +124,7 @@ class TCDMSettings:
             shape=tuple(int(v) for v in d["shape"]),
             spacing=tuple(float(v) for v in d["spacing"]),
             vae=d.get("vae"),
+            init=d.get("init"),
             preset=str(d.get("preset", "custom")),
             model=ModelConfig.from_dict(d.get("model") or {}),
             condition=build_settings(ConditionConfig, d.get("condition")),
@@ -132,6 +135,8 @@ class TCDMSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["model"] = self.model.to_dict()
+        if d["init"] is None:   # configs as before init existed
+            del d["init"]
         return jsonable(d)
 
     def arch(self) -> dict:
@@ -148,12 +153,15 @@ def _torch_generator(seed: int, step: int, rank: int, device: torch.device) -> t
 class _UnconditionalUNet(torch.nn.Module):
     """Adapter so the UNet alone fits ``p_losses``'s ``model(z_t, t, c_raw)`` (pretraining stage)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, maisi=None):
         super().__init__()
         self.unet = unet
+        self.maisi = maisi   # MAISI's UNet (a MaisiConfig) also reads spacing, ...
 
-    def forward(self, z_t, t, c_raw=None):
-        return self.unet(z_t, t)
+    def forward(self, z_t, t, c_raw=None, spacing=None):
+        if self.maisi is None:
+            return self.unet(z_t, t)
+        return self.unet(z_t, t, **maisi_inputs(self.maisi, z_t, spacing)[0])
 
 
 def train_tcdm_loop(
@@ -186,11 +194,13 @@ def train_tcdm_loop(
     # ---- networks (same init on every rank; DDP broadcasts rank 0's anyway) ----
     vae, vae_cfg, scale_factor, vae_digest = load_vae(settings.vae, settings.model.vae, seed=tc.seed)
     if vae_cfg != settings.model.vae:
-        settings = TCDMSettings(**{**settings.__dict__, "model": ModelConfig(settings.model.name, vae_cfg, settings.model.unet)})
+        settings = TCDMSettings(**{**settings.__dict__, "model": replace(settings.model, vae=vae_cfg)})
     vae.to(device)
     torch.manual_seed(tc.seed)
     model = build_tcdm(settings.model, cond.channels).to(device)
     scheduler = build_train_scheduler(settings.scheduler)
+    # MAISI's networks read the voxel spacing (mm); MONAI's take no extra input
+    model_kwargs = {"spacing": settings.spacing} if settings.model.kind == "maisi" else {}
 
     # ---- resume ----
     start_step, history, opt_state, stage_at_ckpt = 0, {"step": [], "loss": []}, None, None
@@ -218,7 +228,16 @@ def train_tcdm_loop(
         stage_at_ckpt = ck.config.get("stage")
         start_step = ck.step
         if rank == 0:
-            log.info("resuming from %s at step %d", latest, start_step)
+            log.info("resuming from %s at step %d%s", latest, start_step, " (init= not used)" if settings.init else "")
+    maisi_init = None
+    if latest is None and settings.init:
+        from fcas.models.maisi import load_maisi_init
+
+        maisi_init = load_maisi_init(model, settings.init)
+        if scale_factor is None and maisi_init.scale_factor is not None:
+            scale_factor = maisi_init.scale_factor   # MAISI's UNet was trained on latents of this scale
+        if ema is not None:
+            ema = make_ema(model, tc.ema_decay)
     if scale_factor is None:
         k = min(tc.scale_factor_cases, len(cases))
         scale_factor = compute_scale_factor(vae, cases.images[:k].to(device))
@@ -239,7 +258,7 @@ def train_tcdm_loop(
         if stage == "unet":
             model.unet.requires_grad_(True)
             model.controlnet.requires_grad_(False)
-            trainable = _UnconditionalUNet(model.unet)
+            trainable = _UnconditionalUNet(model.unet, model.maisi)
         else:
             model.controlnet.requires_grad_(True)
             model.unet.requires_grad_(tc.unet_mode == "joint")
@@ -303,7 +322,7 @@ def train_tcdm_loop(
             c_ab = build_c_raw(lab_b, lab_a, img_a, schema, cond.encoding, cond.mask_only) if tc.bidirectional else None
         amp_ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
         with amp_ctx:
-            loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen)
+            loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen, **model_kwargs)
         opt = state["opt"]
         lr = lr_at(tc, step)
         for group in opt.param_groups:
@@ -344,6 +363,7 @@ def train_tcdm_loop(
         "samples_per_s": (samples_per_step * steps_done / elapsed) if steps_done else 0.0,
         "scale_factor": scale_factor,
         "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
+        **({"init": asdict(maisi_init)} if maisi_init is not None else {}),   # what init= loaded / re-initialised
     }
 
 

@@ -4,6 +4,9 @@ All three come from MONAI (``monai.networks.nets.AutoencoderKL``, ``DiffusionMod
 ``ControlNet``); this module only turns a size config into instances and adds one thing MONAI's
 ControlNet lacks: computing the conditioning embedding ``E_ctrl(c_raw)`` separately, so that a sampler
 can embed the condition once and reuse it at every reverse step (:class:`TemplateControlNet`).
+``ModelConfig.kind='maisi'`` builds MAISI's own networks instead (``DiffusionModelUNetMaisi`` +
+``ControlNetMaisi``, whose released weights :mod:`fcas.models.maisi` loads); they take extra inputs
+(voxel spacing, body region, modality) that :func:`maisi_inputs` makes.
 
 Shapes (3D, ``spatial_dims=3``):
 
@@ -17,12 +20,14 @@ from typing import Any, Mapping
 
 import torch
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 __all__ = [
     "VAEConfig",
     "UNetConfig",
+    "MaisiConfig",
     "ModelConfig",
     "TemplateControlNet",
     "TCDM",
@@ -30,6 +35,7 @@ __all__ = [
     "build_unet",
     "build_controlnet",
     "build_tcdm",
+    "maisi_inputs",
     "count_parameters",
 ]
 
@@ -100,25 +106,70 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class MaisiConfig:
+    """What MAISI's networks need beyond :class:`UNetConfig` (``ModelConfig.kind='maisi'`` only).
+
+    The defaults are MAISI's ddpm release (maisi3d-ddpm); ``configs/model/maisi*.yaml`` cite the released
+    configs. ``spacing`` is always an input (both releases set ``include_spacing_input``).
+
+    * ``include_body_region``: top/bottom body-region inputs (ddpm: yes, rflow: no); we always feed
+      ``body_region`` (MAISI's region 1 = thorax, ``scripts/utils.py:get_body_region_index_from_mask``);
+    * ``num_class_embeds``: rflow's modality embedding (128); we always feed ``modality`` (1 = "ct" in
+      MAISI's ``configs/modality_mapping.json``, the value its ``train_controlnet.py`` trains with);
+    * ``resblock_updown`` / ``include_fc``: MAISI's block options (rflow: both on; ddpm: both off).
+    """
+
+    include_body_region: bool = True
+    num_class_embeds: int | None = None
+    resblock_updown: bool = False
+    include_fc: bool = False
+    body_region: int = 1
+    modality: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.body_region < 4:
+            raise ValueError(f"body_region must be one of MAISI's 4 regions (0..3), got {self.body_region}")
+        if self.num_class_embeds is not None and not 0 <= self.modality < self.num_class_embeds:
+            raise ValueError(f"modality {self.modality} is not below num_class_embeds={self.num_class_embeds}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    """``kind``: 'monai' (MONAI ``DiffusionModelUNet`` + ``ControlNet``) or 'maisi' (MAISI's networks, ``maisi``)."""
+
     name: str = "tiny"
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    kind: str = "monai"
+    maisi: MaisiConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("monai", "maisi"):
+            raise ValueError(f"unknown model kind {self.kind!r}; use 'monai' or 'maisi'")
+        if self.kind == "maisi" and self.maisi is None:
+            object.__setattr__(self, "maisi", MaisiConfig())
+        if self.kind == "monai" and self.maisi is not None:
+            raise ValueError("model.maisi is only for kind: maisi")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         d = dict(d)
-        unknown = set(d) - {"name", "vae", "unet"}
+        unknown = set(d) - {"name", "vae", "unet", "kind", "maisi"}
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
         return cls(
             name=str(d.get("name", "custom")),
             vae=VAEConfig(**dict(d.get("vae") or {})),
             unet=UNetConfig(**dict(d.get("unet") or {})),
+            kind=str(d.get("kind", "monai")),
+            maisi=MaisiConfig(**dict(d["maisi"])) if d.get("maisi") is not None else None,
         )
 
     def to_dict(self) -> dict:
-        return jsonable(asdict(self))
+        d = jsonable(asdict(self))
+        if self.kind == "monai":  # written as before 'kind' existed: old checkpoints keep their config hash
+            del d["kind"], d["maisi"]
+        return d
 
 
 def jsonable(x):
@@ -172,8 +223,8 @@ def build_vae(cfg: VAEConfig) -> nn.Module:
     )
 
 
-def _unet_kwargs(cfg: UNetConfig) -> dict:
-    return dict(
+def _unet_kwargs(cfg: UNetConfig, maisi: MaisiConfig | None = None) -> dict:
+    kwargs = dict(
         spatial_dims=3,
         num_res_blocks=cfg.num_res_blocks,
         channels=cfg.channels,
@@ -183,11 +234,56 @@ def _unet_kwargs(cfg: UNetConfig) -> dict:
         include_fc=True,
         use_flash_attention=False,
     )
+    if maisi is not None:
+        kwargs["num_channels"] = kwargs.pop("channels")  # MAISI's spelling
+        kwargs.update(include_fc=maisi.include_fc, resblock_updown=maisi.resblock_updown,
+                      num_class_embeds=maisi.num_class_embeds)
+    return kwargs
 
 
-def build_unet(cfg: UNetConfig, latent_channels: int = 4) -> DiffusionModelUNet:
-    """Denoiser ``eps_theta(Z_t, t, residuals)``: ``(B, latent_channels, d, h, w)`` -> same shape."""
-    return DiffusionModelUNet(in_channels=latent_channels, out_channels=latent_channels, **_unet_kwargs(cfg))
+def build_unet(cfg: UNetConfig, latent_channels: int = 4, maisi: MaisiConfig | None = None) -> nn.Module:
+    """Denoiser ``eps_theta(Z_t, t, residuals)``: ``(B, latent_channels, d, h, w)`` -> same shape.
+
+    ``maisi`` given: MAISI's ``DiffusionModelUNetMaisi`` (spacing input, and the body-region inputs when
+    ``maisi.include_body_region``), else MONAI's ``DiffusionModelUNet``."""
+    if maisi is None:
+        return DiffusionModelUNet(in_channels=latent_channels, out_channels=latent_channels, **_unet_kwargs(cfg))
+    return MaisiUNet(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        include_top_region_index_input=maisi.include_body_region,
+        include_bottom_region_index_input=maisi.include_body_region,
+        include_spacing_input=True,
+        **_unet_kwargs(cfg, maisi),
+    )
+
+
+class MaisiUNet(DiffusionModelUNetMaisi):
+    """MAISI's ``DiffusionModelUNetMaisi`` with the ControlNet residuals added out of place.
+
+    MAISI adds them in place (``+=``), which autograd refuses once the UNet itself trains (MAISI trains
+    only its ControlNet, against a frozen UNet). Same parameters and the same values: in MAISI the last
+    down-block residual is the very tensor the middle block reads, so it sees that residual added; kept.
+    """
+
+    def _apply_down_blocks(self, h, emb, context, down_block_additional_residuals):
+        h, res = super()._apply_down_blocks(h, emb, context, None)
+        if down_block_additional_residuals is None:
+            return h, res
+        aliased = res[-1] is h
+        res = [r + extra for r, extra in zip(res, down_block_additional_residuals)]
+        return (res[-1] if aliased else h), res
+
+    def forward(self, x, timesteps, context=None, class_labels=None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None, top_region_index_tensor=None, bottom_region_index_tensor=None,
+                spacing_tensor=None):
+        emb = self._get_time_and_class_embedding(x, timesteps, class_labels)
+        emb = self._get_input_embeddings(emb, top_region_index_tensor, bottom_region_index_tensor, spacing_tensor)
+        h, res = self._apply_down_blocks(self.conv_in(x), emb, context, down_block_additional_residuals)
+        h = self.middle_block(h, emb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
+        return self.out(self._apply_up_blocks(h, emb, context, res))
 
 
 class TemplateControlNet(ControlNetMaisi):
@@ -231,12 +327,14 @@ class TemplateControlNet(ControlNetMaisi):
         return down_block_res_samples, mid_block_res_sample * conditioning_scale
 
 
-def build_controlnet(cfg: UNetConfig, cond_in_channels: int, latent_channels: int = 4) -> TemplateControlNet:
+def build_controlnet(cfg: UNetConfig, cond_in_channels: int, latent_channels: int = 4,
+                     maisi: MaisiConfig | None = None) -> TemplateControlNet:
     """Trainable ``E_ctrl`` + ControlNet encoder sized like the UNet, condition of ``cond_in_channels``."""
     if cond_in_channels < 1:
         raise ValueError(f"cond_in_channels must be >= 1, got {cond_in_channels}")
-    kwargs = _unet_kwargs(cfg)
-    kwargs["num_channels"] = kwargs.pop("channels")  # ControlNetMaisi's spelling
+    kwargs = _unet_kwargs(cfg, maisi)
+    if maisi is None:
+        kwargs["num_channels"] = kwargs.pop("channels")  # ControlNetMaisi's spelling
     return TemplateControlNet(
         in_channels=latent_channels,
         conditioning_embedding_in_channels=cond_in_channels,
@@ -246,19 +344,46 @@ def build_controlnet(cfg: UNetConfig, cond_in_channels: int, latent_channels: in
     )
 
 
+def maisi_inputs(cfg: MaisiConfig, z_t: torch.Tensor, spacing) -> tuple[dict, dict]:
+    """The extra inputs of MAISI's UNet and ControlNet for a batch ``z_t``: ``(unet kwargs, controlnet kwargs)``.
+
+    ``spacing``: voxel spacing in mm (3 values, NIfTI axis order like MAISI's, or ``(B, 3)``). Scaled as
+    MAISI's ``scripts/sample.py`` feeds them: spacing x 1e2, one-hot body region x 1e2; the modality as
+    ``class_labels`` of both networks (``num_class_embeds`` set, the rflow release)."""
+    if spacing is None:
+        raise ValueError("MAISI's diffusion UNet needs the voxel spacing (mm): pass spacing=")
+    n, dev = z_t.shape[0], z_t.device
+    mm = torch.as_tensor(spacing, dtype=z_t.dtype, device=dev).reshape(-1, 3).expand(n, 3)
+    unet: dict = {"spacing_tensor": mm * 1e2}
+    if cfg.include_body_region:
+        region = torch.zeros(n, 4, dtype=z_t.dtype, device=dev)
+        region[:, cfg.body_region] = 1e2
+        unet.update(top_region_index_tensor=region, bottom_region_index_tensor=region)
+    control: dict = {}
+    if cfg.num_class_embeds is not None:
+        control["class_labels"] = unet["class_labels"] = torch.full((n,), cfg.modality, dtype=torch.long, device=dev)
+    return unet, control
+
+
 class TCDM(nn.Module):
     """Denoiser of TCDM: UNet + template ControlNet, predicting the noise (or velocity) of ``Z_t``.
 
-    forward(z_t (B, 4, d, h, w), t (B,), c_raw (B, C, 4d, 4h, 4w) | cond_embedding) -> (B, 4, d, h, w)
+    forward(z_t (B, 4, d, h, w), t (B,), c_raw (B, C, 4d, 4h, 4w) | cond_embedding, spacing) -> (B, 4, d, h, w);
+    ``spacing`` (mm) is read only by MAISI's networks (``maisi`` set), which need it.
     """
 
-    def __init__(self, unet: DiffusionModelUNet, controlnet: TemplateControlNet):
+    def __init__(self, unet: nn.Module, controlnet: TemplateControlNet, maisi: MaisiConfig | None = None):
         super().__init__()
         self.unet = unet
         self.controlnet = controlnet
+        self.maisi = maisi
 
     def embed_condition(self, c_raw: torch.Tensor) -> torch.Tensor:
         return self.controlnet.embed_condition(c_raw)
+
+    def extra_inputs(self, z_t: torch.Tensor, spacing=None) -> tuple[dict, dict]:
+        """``(unet kwargs, controlnet kwargs)`` beyond ``(z_t, t)``: none for MONAI's networks."""
+        return ({}, {}) if self.maisi is None else maisi_inputs(self.maisi, z_t, spacing)
 
     def forward(
         self,
@@ -266,18 +391,28 @@ class TCDM(nn.Module):
         timesteps: torch.Tensor,
         c_raw: torch.Tensor | None = None,
         cond_embedding: torch.Tensor | None = None,
+        spacing=None,
     ) -> torch.Tensor:
-        down, mid = self.controlnet(z_t, timesteps, controlnet_cond=c_raw, cond_embedding=cond_embedding)
-        return self.unet(z_t, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        unet_kw, control_kw = self.extra_inputs(z_t, spacing)
+        down, mid = self.controlnet(z_t, timesteps, controlnet_cond=c_raw, cond_embedding=cond_embedding, **control_kw)
+        return self.unet(z_t, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         **unet_kw)
 
 
 def build_tcdm(cfg: ModelConfig, cond_in_channels: int, init_controlnet_from_unet: bool = True) -> TCDM:
-    """UNet + ControlNet; the ControlNet's shared layers start as a copy of the UNet's (ControlNet practice)."""
-    unet = build_unet(cfg.unet, cfg.vae.latent_channels)
-    controlnet = build_controlnet(cfg.unet, cond_in_channels, cfg.vae.latent_channels)
+    """UNet + ControlNet; the ControlNet's shared layers start as a copy of the UNet's (ControlNet practice).
+
+    MAISI's ControlNet has no spacing/region inputs, so its time-embedding projections are narrower than
+    the UNet's: those are left as built (MAISI's ``train_controlnet.py`` copies the same way)."""
+    unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.maisi)
+    controlnet = build_controlnet(cfg.unet, cond_in_channels, cfg.vae.latent_channels, cfg.maisi)
     if init_controlnet_from_unet:
-        controlnet.load_state_dict(unet.state_dict(), strict=False)
-    return TCDM(unet, controlnet)
+        sd = unet.state_dict()
+        if cfg.maisi is not None:
+            own = controlnet.state_dict()
+            sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        controlnet.load_state_dict(sd, strict=False)
+    return TCDM(unet, controlnet, cfg.maisi)
 
 
 def set_flash_attention(module: nn.Module, enabled: bool) -> int:

@@ -53,6 +53,7 @@ def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:
             "spacing": preset["spacing"],
             "preset": preset.get("name", "custom"),
             "vae": c.get("vae"),
+            "init": c.get("init"),
             "model": c["model"],
             "condition": c.get("condition"),
             "scheduler": c.get("scheduler"),
@@ -158,11 +159,12 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     from dataclasses import replace
 
     from fcas.io.storage import absolute
+    from fcas.models.maisi import absolute_init
 
     settings = tcdm_settings_from_cfg(cfg)
     # Ray Train workers run in their own directory: resolve relative paths here, on the driver
     settings = replace(settings, data=absolute(settings.data), out=absolute(settings.out),
-                       vae=absolute(settings.vae))
+                       vae=absolute(settings.vae), init=absolute_init(settings.init))
     c = _plain(cfg)
     tr = c.get("trainer") or {}
     result = fit(
