@@ -1,0 +1,164 @@
+"""The shell commands of README.md and docs/*.md, and the one rule that checks each (tests/test_docs_commands.py).
+
+A command is a line of a fenced ```bash / ```sh block, ``\\`` continuations joined, comments dropped, split as
+the shell splits it. Its rule is the one entry of :data:`RULES` whose pattern matches the command's words
+(joined by single spaces) from the start:
+
+* ``run``: executed here as written, with the safe substitutions of :func:`localized` (the documented python
+  and ``fcas`` are this environment's, ``out=/tmp/...`` and ``outputs/...`` go under the test's tmp_path);
+* ``compose``: too heavy to run here (demo/paper presets, S3, /data, a run that must exist first): the job's
+  Hydra config is composed with the documented overrides and the job's settings are built from it (for a
+  submit to a cluster: the job it submits);
+* ``elsewhere``: another test (or CI) runs it: ``where`` is ``(file, text it holds)``;
+* ``external``: needs machines or tools we do not have; ``note`` says which.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcas.pipeline.commands import JOBS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+SHELLS = ("bash", "sh")
+
+
+@dataclass(frozen=True)
+class Command:
+    where: str                    # file:line of its first line
+    words: tuple[str, ...]        # as the shell passes them
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str                     # run | compose | elsewhere | external
+    pattern: str                  # re.match against Command.text
+    note: str
+    expect: str = ""              # run: a regex its stdout must match
+    slow: bool = False            # run: takes more than ~10 s (pytest.mark.slow)
+    where: tuple[str, str] = ("", "")   # elsewhere: (file under the repository, text it must hold)
+    make: str = ""                # compose: the commands of this Makefile target instead of the command itself
+
+    def matches(self, command: Command) -> bool:
+        return re.match(self.pattern, command.text) is not None
+
+
+COMPOSED_JOBS = "prepare|synthesize|train_vae|train_tcdm|pretrain_cal|evaluate|export_nnunet"
+RULES = (
+    Rule("run", r"(\.venv/bin/python jobs/plan\.py|fcas plan) ", "the planner is cheap: run as written",
+         expect=r"FCaS synthesis plan: n=\d+(.|\n)* output_tb .* TB"),
+    Rule("run", r"fcas synthesize preset=tiny ", "a real run at the tiny preset", slow=True,
+         expect=r"synthesize: (\d+)/\1 samples in the manifest \(\1 new, 0 rejected\)"),
+    Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py ",
+         "demo/paper presets, S3, /data or a run made first: minutes to hours here"),
+    Rule("compose", r"(RAY_ADDRESS=\S+ )?ray job submit ", "needs a cluster's job API: the job it submits is composed"),
+    Rule("compose", r"make demo$", "minutes of CPU: the Makefile's demo job is composed", make="demo"),
+    Rule("elsewhere", r"make test$", "CI runs the suite", where=(".ci/run", "exec make test")),
+    Rule("elsewhere", r"make install$", "every make test installs first", where=("Makefile", "\ntest: install\n")),
+    Rule("elsewhere", r"pip install \.$", "the wheel built, installed in a fresh venv and run",
+         where=("tests/test_packaging.py", "def test_installed_commands_run_outside_the_repo(")),
+    Rule("compose", r"cluster/local\.sh submit .*-- python jobs/",
+         "the submit is tested with its own job (below): the job it submits is composed"),
+    Rule("elsewhere", r"cluster/local\.sh (start|status|logs|stop)\b",
+         "a local head started, a tiny job submitted, its status and logs read, the head stopped",
+         where=("tests/test_local_cluster.py", "def test_local_sh_runs_a_job_through_ray_job_submit(")),
+    Rule("external", r"ray (up|down|dashboard|job logs) ",
+         "a cloud cluster (tests/test_cluster.py validates the autoscaler YAMLs as ray up does)"),
+    Rule("external", r"export RAY_ADDRESS=", "points the ray CLI at a cluster's dashboard"),
+    Rule("external", r"docker build ", "a Docker daemon and a registry (tests/test_cluster.py checks the Dockerfile)"),
+    Rule("external", r"kubectl ", "a Kubernetes cluster with KubeRay (tests/test_cluster.py checks the manifests)"),
+    Rule("external", r"TotalSegmentator ", "a separate tool with its own weights, not a dependency"),
+)
+# the first word of a line that reads as a command, in a block not tagged bash/sh (tag it, so that it is checked)
+COMMAND_START = re.compile(r"(make|\.venv/bin/python|python3?|pip|fcas|ray|kubectl|docker|helm|cluster/\S+\.sh)"
+                           r"(\s|$)")
+
+
+def _blocks(path: Path):
+    """``(info string, [(line number, line), ...])`` of each fenced block of a markdown file."""
+    info, lines = None, []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            if info is None:
+                info, lines = line.strip()[3:].strip(), []
+            else:
+                yield info, lines
+                info = None
+        elif info is not None:
+            lines.append((number, line))
+
+
+def doc_commands(files=DOCS) -> list[Command]:
+    """Every command of the fenced bash/sh blocks of ``files``, in order."""
+    commands = []
+    for path in files:
+        for info, lines in _blocks(path):
+            if info not in SHELLS:
+                continue
+            pending, start = "", 0
+            for number, line in lines:
+                start = start if pending else number
+                pending += line
+                if pending.endswith("\\"):
+                    pending = pending[:-1]
+                    continue
+                words = tuple(shlex.split(pending, comments=True))
+                pending = ""
+                if words:
+                    commands.append(Command(f"{path.relative_to(ROOT)}:{start}", words))
+    return commands
+
+
+def untagged_commands(files=DOCS) -> list[str]:
+    """``file:line: text`` of the lines that read as commands in fenced blocks not tagged bash/sh (or python)."""
+    found = []
+    for path in files:
+        for info, lines in _blocks(path):
+            if info not in (*SHELLS, "python"):
+                where = path.relative_to(ROOT)
+                found += [f"{where}:{n}: {line.strip()}" for n, line in lines if COMMAND_START.match(line)]
+    return found
+
+
+def rules_for(command: Command) -> list[Rule]:
+    return [rule for rule in RULES if rule.matches(command)]
+
+
+def job_invocation(words) -> tuple[str, list[str]] | None:
+    """``(job, overrides)`` of the first job call in ``words`` (``python jobs/<job>.py``, ``fcas <job>``,
+    ``fcas-<job>``, ``python -m fcas <job>``; after a wrapper's ``--`` too), None when there is none."""
+    words = list(words)
+    for i, word in enumerate(words):
+        script = re.fullmatch(r"jobs/(\w+)\.py", word)
+        if script:
+            return script.group(1), words[i + 1:]
+        if (word == "fcas" or word.endswith("/bin/fcas")) and i + 1 < len(words):
+            return words[i + 1], words[i + 2:]
+        if word.startswith("fcas-") and word[len("fcas-"):] in JOBS:
+            return word[len("fcas-"):], words[i + 1:]
+        if word == "-m" and words[i + 1:i + 2] == ["fcas"] and i + 2 < len(words):
+            return words[i + 2], words[i + 3:]
+    return None
+
+
+def make_recipe(target: str) -> list[tuple[str, ...]]:
+    """The commands of a Makefile target's recipe, ``$(BIN)/`` read as ``.venv/bin/`` (the Makefile's VENV)."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    found = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, flags=re.M)
+    assert found, f"Makefile has no recipe for {target!r}"
+    return [tuple(shlex.split(line.replace("$(BIN)/", ".venv/bin/"))) for line in found.group(1).splitlines()]
+
+
+def localized(words, tmp: Path) -> list[str]:
+    """A run command's words for this machine: this environment's python or ``fcas``; outputs under ``tmp``."""
+    first = {".venv/bin/python": sys.executable, "fcas": str(Path(sys.executable).parent / "fcas")}
+    words = [first.get(words[0], words[0]), *words[1:]]
+    return [re.sub(r"(?<==)(/tmp/|outputs/)", f"{tmp}/", word) for word in words]
