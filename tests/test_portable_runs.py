@@ -235,3 +235,29 @@ def test_a_moved_run_resumes_with_nothing_to_do(tiny_run12, ray_local, tiny_chec
     assert {p.name: p.stat().st_mtime_ns for p in (dest / "samples").iterdir()} == before
     rows = read_run_manifest(str(dest)).to_pylist()
     assert all(r[k].startswith(f"{dest}/samples/") for r in rows for k in FILES)
+
+
+def test_a_run_moved_to_s3_resumes_there_with_nothing_to_do(tiny_run12, ray_local, tiny_checkpoint, s3_uri):
+    """The 12-sample run (templates, run.json and all) uploaded to the moto S3 server: the same command
+    pointed at the bucket makes 0 new samples, touches no sample object, and its manifest names the bucket."""
+    from fcas.pipeline.synthesize import Resources, SynthesisJob, run_synthesis
+    from fcas.presets import load_preset
+    from fcas.synthesis.sampler import SamplerSettings
+
+    src, _ = tiny_run12
+    fs, path = storage.get_fs(s3_uri)
+    fs.put(str(src) + "/", path, recursive=True)
+    before = {p: fs.info(p)["LastModified"] for p in fs.ls(f"{path}/samples")}
+    tiny = load_preset("tiny")
+    again = run_synthesis(SynthesisJob(n=12, out=s3_uri, checkpoint=tiny_checkpoint, templates="phantom:4",
+                                       shape=tiny.shape, spacing=tiny.spacing,
+                                       sampler=SamplerSettings(steps=4, ssv_every=1),
+                                       resources=Resources(writer_batch_size=3), config_hash="test"),
+                          progress=False)
+    assert again["n_written_this_run"] == 0 and again["n_written"] == 12
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["LastModified"] for p in fs.ls(f"{path}/samples")} == before
+    rows = read_run_manifest(s3_uri).to_pylist()
+    assert sorted(r["sample_id"] for r in rows) == list(range(12))
+    assert all(r[k].startswith(f"{s3_uri}/samples/") for r in rows for k in FILES)
+    assert not fs.exists(f"{path}/lease.json")
