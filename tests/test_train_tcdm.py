@@ -151,6 +151,63 @@ def test_hydra_config_composes_per_preset():
     assert v.shape == (64, 64, 64) and v.vae.channels == (16, 32, 64)
 
 
+def _local_stream(rows, seed=0, **kw):
+    """Ray-free stand-in for a worker's shard: ``rows`` loaded one case at a time, reshuffled every epoch."""
+    from fcas.diffusion.data import load_case_batch
+
+    epoch = 0
+    while True:
+        for i in np.random.default_rng([seed, epoch]).permutation(len(rows)):
+            if not kw:   # rows are cases already
+                yield rows[i]
+                continue
+            b = load_case_batch({k: [v] for k, v in rows[i].items()}, **kw)
+            yield {"case_id": b["case_id"][0], "image": b["image"][0], "label": b["label"][0]}
+        epoch += 1
+
+
+def test_case_buffer_is_bounded_and_draws_every_ordered_pair():
+    from fcas.diffusion.data import CaseBuffer
+    from fcas.diffusion.pairs import refill_rng, sample_pairs, step_rng
+
+    rows = [{"case_id": f"c{i}", "image": np.full((1, 4, 4, 4), i, np.float32), "label": np.zeros((4, 4, 4), np.uint8)}
+            for i in range(6)]
+    buf = CaseBuffer(_local_stream(rows), 3)
+    assert len(buf.cases) == 3 and buf.cases.images.shape == (3, 1, 4, 4, 4)
+    seen = set()
+    for step in range(1, 400):
+        slot = buf.refill(refill_rng(0, step))
+        assert float(buf.cases.images[slot].mean()) == float(buf.cases.case_ids[slot][1:])  # slot holds its case
+        for a, b in sample_pairs(len(buf.cases), 2, step_rng(0, step)):
+            seen.add((buf.cases.case_ids[a], buf.cases.case_ids[b]))
+    assert len(buf.cases) == 3
+    assert {(a, b) for a, b in seen if a != b} == {(f"c{i}", f"c{j}") for i in range(6) for j in range(6) if i != j}
+
+
+@pytest.mark.filterwarnings("ignore:TCDM uses an untrained")
+def test_streamed_cases_match_loaded_cases_and_the_streamed_loops_train(tmp_path, tiny_cases):
+    from fcas.diffusion.data import case_rows, load_case_batch
+
+    rows = case_rows("phantom:3")
+    assert [r["case_id"] for r in rows] == tiny_cases.case_ids and "image" not in rows[0]
+    b = load_case_batch({k: [r[k] for r in rows] for k in rows[0]}, TINY["shape"], TINY["spacing"])
+    assert torch.equal(torch.from_numpy(b["image"]), tiny_cases.images)
+    assert torch.equal(torch.from_numpy(b["label"]), tiny_cases.labels)
+    kw = {"shape": TINY["shape"], "spacing": TINY["spacing"]}
+    outs = []
+    for name in ("a", "b"):   # the same stream gives the same run: the draws are keyed by (seed, step)
+        s = _settings(tmp_path / name, 3, buffer_cases=2)
+        r = train_tcdm_loop(s, case_stream=lambda: _local_stream(rows, **kw), progress=False)
+        assert r["steps_run"] == 3
+        outs.append(load_checkpoint(r["latest_checkpoint"]).state_dict("controlnet"))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    v = VAESettings.from_dict({**TINY, "data": "phantom:3", "out": str(tmp_path / "vae"),
+                               "train": {"steps": 2, "batch_size": 1, "checkpoint_every": 2, "buffer_cases": 2}})
+    assert train_vae_loop(v, case_stream=lambda: _local_stream(rows, **kw), progress=False)["steps_run"] == 2
+    with pytest.raises(ValueError, match="buffer_cases"):
+        _settings(tmp_path / "c", 1, buffer_cases=1)
+
+
 @pytest.mark.slow
 def test_ray_train_two_workers_killed_and_resumed(tmp_path, ray_local):
     """2 DDP workers on local Ray; both are killed after step 3 (checkpoint at 2); Ray restarts the

@@ -1,15 +1,35 @@
-"""Training cases for TCDM, held in memory: images scaled to [0, 1] and label maps on one grid.
+"""Training cases of TCDM and the VAE: images scaled to [0, 1] and label maps on one grid.
 
 Sources: a prepared ``cases.parquet`` (file, or the folder holding it; rows of the requested split)
 or ``phantom:N`` / ``phantom:N@OFFSET`` (N procedural phantoms with seeds OFFSET..OFFSET+N-1,
 generated at the preset grid; what tests use). Pair batches take the same random crop window in
 both cases of a pair (the volumes share one grid). Hand-written (indexing only).
+
+Two ways to feed a training loop:
+
+* in memory (:func:`load_cases`): every case at once, float32 -- the Ray-free loops of tests and
+  benchmarks; memory grows with the number of cases.
+* streamed (:func:`case_rows` -> :func:`load_case_batch` -> :class:`CaseBuffer`): the Ray Train jobs
+  hand the rows (a few bytes per case) to Ray Data, which loads the volumes in small tasks; each
+  worker keeps a bounded buffer of ``K = train.buffer_cases`` cases. Every step one buffer slot,
+  drawn from ``rng([seed, step, rank, 1])``, is replaced by the next case of the worker's shard, and
+  the step's pairs (TCDM) or crops (VAE) are drawn uniformly from the buffer with ``rng([seed, step,
+  rank])``. Memory is ``K`` cases whatever ``N``.
+
+How the N^2 pairing survives the buffer: the stream's block order (one case per block) is reshuffled
+every epoch (``randomize_block_order`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``),
+and because the evicted slot is random, a case stays in the buffer ``j`` more steps with probability
+``(1 - 1/K)^j > 0``. So any two cases A, B of a shard are in the buffer together with non-zero
+probability in every epoch (even with a fixed order), and then ``(A, B)`` and ``(B, A)`` are each drawn
+with probability ``1 / (K (K - 1))`` per pair; with the shards re-split each epoch, every ordered pair
+of the N cases has non-zero probability. Pairs are local to a buffer, so nearby cases in the stream
+pair more often than far ones; the per-epoch reshuffle evens that out over epochs.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +37,7 @@ import torch
 from fcas.diffusion.conditioning import hu_to_unit
 from fcas.io import storage
 
-__all__ = ["CaseArrays", "load_cases", "crop_slices", "pair_batch"]
+__all__ = ["CaseArrays", "load_cases", "case_rows", "load_case_batch", "CaseBuffer", "crop_slices", "pair_batch"]
 
 _PHANTOM = re.compile(r"phantom:(\d+)(?:@(\d+))?$")
 
@@ -90,6 +110,80 @@ def load_cases(
         labs.append(lab.array)
         affs.append(img.affine)
     return _stack(ids, imgs, labs, affs)
+
+
+def case_rows(source: str, split: str | None = "train") -> list[dict]:
+    """What a stream needs to load each case, without loading any: ``case_id`` and either ``phantom_seed``
+    (``phantom:N[@OFFSET]``) or ``image_uri`` / ``label_uri`` (a cases.parquet, only its rows of ``split``)."""
+    m = _PHANTOM.match(str(source))
+    if m:
+        n, offset = int(m.group(1)), int(m.group(2) or 0)
+        if n < 1:
+            raise ValueError(f"{source!r}: phantom source needs N >= 1")
+        return [{"case_id": f"phantom_{offset + i:05d}", "phantom_seed": offset + i, "image_uri": "", "label_uri": ""}
+                for i in range(n)]
+    from fcas.io.manifest import read_cases
+
+    uri = str(source) if str(source).endswith(".parquet") else storage.join(str(source), "cases.parquet")
+    if not storage.exists(uri):
+        raise ValueError(f"data source {source!r}: no cases manifest at {uri} (or use phantom:N)")
+    rows = [r for r in read_cases(uri, schema=None).to_pylist() if split is None or r.get("split") == split]
+    if not rows:
+        raise ValueError(f"data source {uri} has no cases in split {split!r}")
+    return [{"case_id": r["case_id"], "phantom_seed": -1, "image_uri": r["image_uri"], "label_uri": r["label_uri"]}
+            for r in rows]
+
+
+def load_case_batch(batch, shape: Sequence[int], spacing: Sequence[float]) -> dict[str, np.ndarray]:
+    """Rows of :func:`case_rows` (columns of ``(B,)``) -> ``case_id (B,)``, ``image (B, 1, D, H, W)`` float32 in
+    [0, 1], ``label (B, D, H, W)`` uint8 (the Ray Data map of the streamed training jobs)."""
+    from fcas.io.nifti import read_nifti
+    from fcas.phantom import make_case
+
+    imgs, labs = [], []
+    for seed, img_uri, lab_uri in zip(batch["phantom_seed"], batch["image_uri"], batch["label_uri"]):
+        if int(seed) >= 0:
+            c = make_case(seed=int(seed), shape=tuple(shape), spacing=tuple(spacing))
+            imgs.append(c.image)
+            labs.append(c.label)
+        else:
+            imgs.append(read_nifti(str(img_uri)).array)
+            labs.append(read_nifti(str(lab_uri)).array)
+    cases = _stack([str(i) for i in batch["case_id"]], imgs, labs, [np.eye(4)] * len(imgs))
+    return {"case_id": np.asarray(cases.case_ids), "image": cases.images.numpy(), "label": cases.labels.numpy()}
+
+
+class CaseBuffer:
+    """At most ``size`` cases of a stream of ``{"case_id", "image", "label"}`` dicts (one case each), as a
+    :class:`CaseArrays` (``.cases``) whose slots :meth:`refill` replaces one at a time (see the module docstring)."""
+
+    def __init__(self, stream: Iterator[Mapping[str, Any]], size: int):
+        if size < 1:
+            raise ValueError(f"the case buffer needs >= 1 slot (train.buffer_cases), got {size}")
+        self.stream = stream
+        first = [self._next() for _ in range(size)]
+        shapes = {tuple(np.shape(c["label"])) for c in first}
+        if len(shapes) != 1:
+            raise ValueError(f"training cases must share one grid; found shapes {sorted(shapes)}")
+        self.cases = CaseArrays([str(c["case_id"]) for c in first],
+                                torch.stack([torch.tensor(np.asarray(c["image"], dtype=np.float32)) for c in first]),
+                                torch.stack([torch.tensor(np.asarray(c["label"], dtype=np.uint8)) for c in first]),
+                                [np.eye(4)] * size)
+
+    def _next(self) -> dict:
+        try:
+            return next(self.stream)
+        except StopIteration:
+            raise ValueError("the training data stream ended (it should cycle epochs)") from None
+
+    def refill(self, rng: np.random.Generator) -> int:
+        """Replace a slot drawn from ``rng`` by the stream's next case; returns the slot."""
+        slot = int(rng.integers(0, len(self.cases)))
+        c = self._next()
+        self.cases.images[slot] = torch.as_tensor(np.array(c["image"], dtype=np.float32))
+        self.cases.labels[slot] = torch.as_tensor(np.array(c["label"], dtype=np.uint8))
+        self.cases.case_ids[slot] = str(c["case_id"])
+        return slot
 
 
 def crop_slices(shape: Sequence[int], crop: Sequence[int] | None, rng: np.random.Generator) -> tuple[slice, ...]:

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sample_pairs", "step_rng"]
+__all__ = ["sample_pairs", "step_rng", "refill_rng"]
 
 
 def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(step), int(rank)])
+
+
+def refill_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
+    """The draw of the case-buffer slot a streamed step replaces (apart from the step's own draws)."""
+    return np.random.default_rng([int(seed), int(step), int(rank), 1])
 
 
 def sample_pairs(n_cases: int, n_pairs: int, rng: np.random.Generator) -> np.ndarray:

@@ -4,8 +4,13 @@ One step on every worker: draw ``batch_pairs`` random ordered pairs ``(a, b)`` f
 ``rng([seed, step, rank])``, crop both cases at one window, encode the targets with the frozen VAE,
 build ``c_raw`` for both directions and minimise the bidirectional loss (seed Eq. 4) with AdamW.
 Rank 0 writes a checkpoint folder every ``checkpoint_every`` steps; a restart resumes from the latest
-complete one. Because every draw is keyed by ``(seed, step, rank)``, a resumed run follows the same
-trajectory as an uninterrupted one.
+complete one. Because every draw is keyed by ``(seed, step, rank)``, a resumed run of the in-memory
+loop (``cases=`` or ``data=`` loaded whole, what tests and benchmarks use) follows the same trajectory as an
+uninterrupted one. Streamed (``case_stream=``, the Ray Train job): the pairs come from a bounded buffer of
+``buffer_cases`` cases (:class:`fcas.diffusion.data.CaseBuffer`); the draws are still keyed by
+``(seed, step, rank)`` and weights, optimizer, EMA, history and step resume exactly, but the buffer is
+refilled from the stream after a restart, so a resumed streamed run is not bit-identical to an
+uninterrupted one (which cases sit in the buffer depends on Ray Data's delivery order).
 
 ``unet_mode``: ``joint`` trains UNet and ControlNet together; ``pretrain_freeze`` (MAISI's recipe)
 first trains the UNet alone (unconditional) for ``pretrain_steps``, then freezes it and trains the
@@ -20,14 +25,14 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from fcas.diffusion.conditioning import ConditionConfig, build_c_raw
-from fcas.diffusion.data import CaseArrays, load_cases, pair_batch
+from fcas.diffusion.data import CaseArrays, CaseBuffer, load_cases, pair_batch
 from fcas.diffusion.losses import bidirectional_loss
-from fcas.diffusion.pairs import sample_pairs, step_rng
+from fcas.diffusion.pairs import refill_rng, sample_pairs, step_rng
 from fcas.diffusion.schedulers import SchedulerConfig, build_train_scheduler
 from fcas.models.bundle import load_vae
 from fcas.models.checkpoint import (
@@ -72,6 +77,7 @@ class TrainConfig:
     warmup_steps: int = 0       # linear warm-up from 0 to lr
     lr_min: float = 0.0
     ema_decay: float = 0.0      # > 0: keep an EMA of the weights (saved beside them; export ships it)
+    buffer_cases: int = 8       # streamed training: cases a worker holds (pairs are drawn among them)
 
     def __post_init__(self) -> None:
         if self.crop is not None:
@@ -82,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; use one of {SCHEDULES}")
         if not 0.0 <= self.ema_decay < 1.0 or self.warmup_steps < 0:
             raise ValueError(f"need 0 <= ema_decay < 1 and warmup_steps >= 0, got {self.ema_decay}, {self.warmup_steps}")
+        if self.buffer_cases < 2:
+            raise ValueError(f"buffer_cases must be >= 2 (pairs need two cases), got {self.buffer_cases}")
         if self.steps < 0 or self.batch_pairs < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 f"need steps >= 0, batch_pairs >= 1, checkpoint_every >= 1; got {self.steps}, "
@@ -144,6 +152,17 @@ class TCDMSettings:
         return {k: d[k] for k in ARCH_KEYS}
 
 
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    """``value`` averaged over the DDP ranks (streamed ranks see different cases), else itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 def _torch_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(step_rng(seed, step, rank).integers(0, 2**62)))
@@ -174,8 +193,12 @@ def train_tcdm_loop(
     report: Callable[..., None] = no_report,
     progress: bool = True,
     cases: CaseArrays | None = None,
+    case_stream: Callable[[], Iterator[Mapping[str, Any]]] | None = None,
 ) -> dict:
     """Run (or resume) training up to ``settings.train.steps``; returns a summary dict.
+
+    Cases: ``cases`` (in memory), else ``case_stream()`` (an endless iterator of single cases feeding a
+    :class:`CaseBuffer` of ``train.buffer_cases``), else ``settings.data`` loaded whole.
 
     ``report(metrics, checkpoint_uri=None, checkpoint_step=False)`` is called every step on every rank (Ray Train needs
     all ranks to report). Checkpoints go to ``settings.out/step_XXXXXXXXX``.
@@ -184,7 +207,11 @@ def train_tcdm_loop(
     device = torch.device(device)
     cond = settings.condition
     schema = cond.label_schema
-    if cases is None:
+    buffer = None
+    if cases is None and case_stream is not None:
+        buffer = CaseBuffer(case_stream(), tc.buffer_cases)
+        cases = buffer.cases
+    elif cases is None:
         cases = load_cases(settings.data, settings.shape, settings.spacing, split="train")
     if len(cases) < 2:
         raise ValueError(f"TCDM training needs >= 2 cases, {settings.data!r} gave {len(cases)}")
@@ -240,7 +267,7 @@ def train_tcdm_loop(
             ema = make_ema(model, tc.ema_decay)
     if scale_factor is None:
         k = min(tc.scale_factor_cases, len(cases))
-        scale_factor = compute_scale_factor(vae, cases.images[:k].to(device))
+        scale_factor = _mean_over_ranks(compute_scale_factor(vae, cases.images[:k].to(device)), device)
 
     # ---- latent cache (frozen VAE; only without crops) ----
     latents = None
@@ -308,6 +335,11 @@ def train_tcdm_loop(
         t0 = time.perf_counter()
         rng = step_rng(tc.seed, step, rank)
         gen = _torch_generator(tc.seed, step, rank, device)
+        if buffer is not None:
+            slot = buffer.refill(refill_rng(tc.seed, step, rank))
+            if latents is not None:
+                with torch.no_grad():
+                    latents[slot] = vae_encode(vae, cases.images[slot:slot + 1].to(device), scale_factor)[0]
         pairs = sample_pairs(len(cases), tc.batch_pairs, rng)
         batch = pair_batch(cases, pairs, tc.crop, rng)
         with torch.no_grad():

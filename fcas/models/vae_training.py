@@ -5,8 +5,11 @@ a small KL term (:func:`fcas.models.vae.vae_loss`), optionally a patch adversari
 ``PatchDiscriminator`` + least-squares ``PatchAdversarialLoss``) switched on after ``adv_start``
 warm-up steps; AdamW with a linear warm-up and a cosine decay to ``lr_min``. Every step draws its
 random crops, flips and intensity jitter from ``rng([seed, step, rank])``, so a resumed run sees the
-same data as an uninterrupted one. Rank 0 writes checkpoint folders (``config.json`` with the latent
-``scale_factor``, ``vae.pt``, ``optimizer.pt``, the discriminator when used, ``history.pt`` with the
+same data as an uninterrupted one (in memory: ``cases=`` or ``data=`` loaded whole; streamed through a
+bounded :class:`fcas.diffusion.data.CaseBuffer` of ``buffer_cases`` cases, as the Ray Train job does, the
+draws keep their ``(seed, step, rank)`` keys but the buffer's contents after a restart depend on the
+stream, so a resumed streamed run is not bit-identical). Rank 0 writes checkpoint folders (``config.json``
+with the latent ``scale_factor``, ``vae.pt``, ``optimizer.pt``, the discriminator when used, ``history.pt`` with the
 loss and the held-out ``val_ssim`` / ``val_psnr`` curves of ``val_data``) every ``checkpoint_every``
 steps; a restart resumes from the latest. Hand-written loop and schedule; networks and losses are MONAI's.
 """
@@ -16,12 +19,12 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from fcas.diffusion.data import CaseArrays, crop_slices, load_cases
-from fcas.diffusion.pairs import step_rng
+from fcas.diffusion.data import CaseArrays, CaseBuffer, crop_slices, load_cases
+from fcas.diffusion.pairs import refill_rng, step_rng
 from fcas.io import storage
 from fcas.models.optim import SCHEDULES, lr_at
 from fcas.models.checkpoint import (
@@ -64,6 +67,7 @@ class VAETrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     scale_factor_cases: int = 8
+    buffer_cases: int = 8           # streamed training: cases a worker holds (crops are drawn among them)
 
     def __post_init__(self) -> None:
         if self.crop is not None:
@@ -74,6 +78,8 @@ class VAETrainConfig:
             raise ValueError(f"unknown VAE lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
         if self.warmup_steps < 0 or self.adv_start < 0 or min(self.ssim_weight, self.adv_weight, self.kl_weight) < 0:
             raise ValueError("VAE warmup_steps, adv_start and the loss weights must be >= 0")
+        if self.buffer_cases < 1:
+            raise ValueError(f"VAE buffer_cases must be >= 1, got {self.buffer_cases}")
 
 
 def augment_crop(x: torch.Tensor, rng, intensity: bool = False) -> torch.Tensor:
@@ -152,10 +158,16 @@ def train_vae_loop(
     progress: bool = True,
     cases: CaseArrays | None = None,
     val_cases: CaseArrays | None = None,
+    case_stream: Callable[[], Iterator[Mapping[str, Any]]] | None = None,
 ) -> dict:
+    """Run (or resume) VAE training; cases as :func:`fcas.diffusion.training.train_tcdm_loop` takes them."""
     tc = settings.train
     device = torch.device(device)
-    if cases is None:
+    buffer = None
+    if cases is None and case_stream is not None:
+        buffer = CaseBuffer(case_stream(), tc.buffer_cases)
+        cases = buffer.cases
+    elif cases is None:
         cases = load_cases(settings.data, settings.shape, settings.spacing, split="train")
     if val_cases is None and tc.val_data and rank == 0:
         val_cases = load_cases(tc.val_data, settings.shape, settings.spacing, split="val")
@@ -227,6 +239,8 @@ def train_vae_loop(
     for step in range(start + 1, tc.steps + 1):
         t0 = time.perf_counter()
         rng = step_rng(tc.seed, step, rank)
+        if buffer is not None:
+            buffer.refill(refill_rng(tc.seed, step, rank))
         idx = rng.integers(0, len(cases), size=tc.batch_size)
         crops = [cases.images[i][(slice(None), *crop_slices(cases.shape, tc.crop, rng))] for i in idx]
         if tc.augment:

@@ -5,6 +5,15 @@ the Ray lines: ``prepare_model`` (DDP + device), ``get_context`` (rank, world si
 (metrics at checkpoint steps and every ``REPORT_EVERY`` steps). Checkpoints are the loop's own folders on any fsspec URI (``out=``), so a
 restarted run -- by Ray's ``FailureConfig`` or by the user rerunning the command -- resumes from the
 latest complete one.
+
+Data: the training cases are streamed, never held whole in one process. The driver reads only the
+cases manifest (:func:`fcas.diffusion.data.case_rows`) and hands a Ray Data pipeline ``rows ->
+map_batches(load_case_batch)`` (one case per block, block order reshuffled every epoch) to the
+``TorchTrainer`` as ``datasets={"train": ...}``; each worker reads its shard with
+``get_dataset_shard("train")`` into a buffer of ``train.buffer_cases`` cases (capped at the cases of
+one shard), the pattern of :mod:`fcas.pipeline.pretrain_cal`. Pairs and resume: :mod:`fcas.diffusion.data`
+and :mod:`fcas.diffusion.training`. CPU budget: workers ask for ``trainer.cpus_per_worker`` (0.5) and
+each loading task for ``trainer.data_cpus`` (0.25), so a 2-CPU machine keeps a CPU for the stream.
 """
 from __future__ import annotations
 
@@ -19,12 +28,14 @@ import ray.train.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fcas.diffusion.data import case_rows, load_case_batch
 from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
 from fcas.pipeline.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "REPORT_EVERY"]
+__all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "cases_dataset", "shard_cases",
+           "buffer_size", "REPORT_EVERY"]
 
 REPORT_EVERY = 20  # steps between metric reports to Ray Train (checkpoint steps always report)
 
@@ -90,6 +101,40 @@ def worker_hooks() -> tuple[int, int, torch.device, Callable, Callable]:
     return ctx.get_world_rank(), ctx.get_world_size(), device, wrap, report
 
 
+def cases_dataset(rows: list[dict], shape, spacing, cpus: float = 0.25, seed: int = 0) -> "ray.data.Dataset":
+    """Ray Data stream of the training cases ``rows`` (:func:`fcas.diffusion.data.case_rows`): ``case_id``,
+    ``image (1, D, H, W)``, ``label (D, H, W)`` per row.
+
+    Only the manifest rows reach the driver; each loading task reads one case (one block). The block
+    order is reshuffled every epoch, reproducibly from ``seed``.
+    """
+    if cpus <= 0:
+        raise ValueError(f"need trainer.data_cpus > 0, got {cpus}")
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
+    return ds.map_batches(load_case_batch, fn_kwargs={"shape": list(shape), "spacing": list(spacing)},
+                          batch_size=1, num_cpus=cpus)
+
+
+def shard_cases():
+    """Inside a worker: an endless iterator of single cases from its ``train`` shard (epoch after epoch)."""
+    shard = ray.train.get_dataset_shard("train")
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_batches(batch_size=1, batch_format="numpy"):
+            n += 1
+            yield {"case_id": str(b["case_id"][0]), "image": b["image"][0], "label": b["label"][0]}
+        if n == 0:
+            raise ValueError(f"the training data shard gave no case in epoch {epoch} (fewer cases than workers?)")
+        epoch += 1
+
+
+def buffer_size(requested: int, n_cases: int, num_workers: int, minimum: int) -> int:
+    """Slots of each worker's case buffer: ``requested``, at most the cases of one shard, at least ``minimum``."""
+    return max(minimum, min(int(requested), n_cases // max(1, num_workers)))
+
+
 def _inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: int) -> Callable:
     """Fault injection for restart tests (``trainer.fail_at_step``): every rank raises once, after
     reporting that step; a marker in ``out`` keeps the restarted attempt from failing again."""
@@ -115,7 +160,7 @@ def _tcdm_worker(config: dict) -> None:
     rank, world, device, wrap, report = worker_hooks()
     report = _inject_failure(report, settings.out, config.get("fail_at_step"), rank)
     summary = train_tcdm_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
-                              report=report, progress=config.get("progress", True))
+                              report=report, progress=config.get("progress", True), case_stream=shard_cases)
     if summary["steps_run"] == 0:  # nothing left to train: still tell Ray where things stand
         report({"step": summary["final_step"], "steps_run": 0})
 
@@ -130,9 +175,10 @@ def fit(
     address: str | None = None,
     storage_path: str | None = None,
     max_failures: int = 0,
-    cpus_per_worker: float = 1.0,
+    cpus_per_worker: float = 0.5,
+    datasets: dict | None = None,
 ) -> ray.train.Result:
-    """Run ``worker`` on a Ray Train ``TorchTrainer`` (DDP, gloo on CPU / nccl on GPU)."""
+    """Run ``worker`` on a Ray Train ``TorchTrainer`` (DDP, gloo on CPU / nccl on GPU), ``datasets`` sharded."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     ensure_ray(address)
@@ -148,6 +194,7 @@ def fit(
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
+        datasets=datasets,
     )
     return trainer.fit()
 
@@ -167,17 +214,24 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
                        vae=absolute(settings.vae), init=absolute_init(settings.init))
     c = _plain(cfg)
     tr = c.get("trainer") or {}
+    workers = int(tr.get("num_workers", 2))
+    ensure_ray(tr.get("address"))
+    rows = case_rows(settings.data, "train")
+    ds = cases_dataset(rows, settings.shape, settings.spacing, float(tr.get("data_cpus", 0.25)), settings.train.seed)
+    k = buffer_size(settings.train.buffer_cases, len(rows), workers, 2)
+    settings = replace(settings, train=replace(settings.train, buffer_cases=k))
     result = fit(
         _tcdm_worker,
         {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True)),
          "fail_at_step": tr.get("fail_at_step")},
         name=f"tcdm-{settings.preset}",
-        num_workers=int(tr.get("num_workers", 2)),
+        num_workers=workers,
         use_gpu=bool(tr.get("use_gpu", False)),
         address=tr.get("address"),
         storage_path=tr.get("storage_path"),
         max_failures=int(tr.get("max_failures", 0)),
-        cpus_per_worker=float(tr.get("cpus_per_worker", 1.0)),
+        cpus_per_worker=float(tr.get("cpus_per_worker", 0.5)),
+        datasets={"train": ds},
     )
     latest = latest_checkpoint(settings.out)
     summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest,

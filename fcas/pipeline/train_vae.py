@@ -1,4 +1,8 @@
-"""Ray Train wiring of VAE training (same ``fit`` as TCDM; the loop is :func:`fcas.models.vae_training.train_vae_loop`)."""
+"""Ray Train wiring of VAE training (same ``fit`` as TCDM; the loop is :func:`fcas.models.vae_training.train_vae_loop`).
+
+The cases are streamed as for TCDM (:func:`fcas.pipeline.train_tcdm.cases_dataset`, a buffer of
+``train.buffer_cases`` per worker); the held-out ``val_data`` set is small and loaded by rank 0.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,7 +11,9 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from fcas.models.vae_training import VAESettings, train_vae_loop
-from fcas.pipeline.train_tcdm import _plain, fit, worker_hooks
+from fcas.diffusion.data import case_rows
+from fcas.pipeline.ray_env import ensure_ray
+from fcas.pipeline.train_tcdm import _plain, buffer_size, cases_dataset, fit, shard_cases, worker_hooks
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,7 @@ def _vae_worker(config: dict) -> None:
     settings = VAESettings.from_dict(config["settings"])
     rank, world, device, wrap, report = worker_hooks()
     summary = train_vae_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
-                             report=report, progress=config.get("progress", True))
+                             report=report, progress=config.get("progress", True), case_stream=shard_cases)
     if summary["steps_run"] == 0:
         report({"step": summary["final_step"], "steps_run": 0})
 
@@ -50,11 +56,17 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     settings = replace(settings, data=absolute(settings.data), out=absolute(settings.out),
                        train=replace(settings.train, val_data=absolute(settings.train.val_data)))
     tr = _plain(cfg).get("trainer") or {}
+    workers = int(tr.get("num_workers", 2))
+    ensure_ray(tr.get("address"))
+    rows = case_rows(settings.data, "train")
+    ds = cases_dataset(rows, settings.shape, settings.spacing, float(tr.get("data_cpus", 0.25)), settings.train.seed)
+    k = buffer_size(settings.train.buffer_cases, len(rows), workers, 1)
+    settings = replace(settings, train=replace(settings.train, buffer_cases=k))
     result = fit(_vae_worker, {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True))},
-                 name=f"vae-{settings.preset}", num_workers=int(tr.get("num_workers", 2)),
+                 name=f"vae-{settings.preset}", num_workers=workers, datasets={"train": ds},
                  use_gpu=bool(tr.get("use_gpu", False)), address=tr.get("address"),
                  storage_path=tr.get("storage_path"), max_failures=int(tr.get("max_failures", 0)),
-                 cpus_per_worker=float(tr.get("cpus_per_worker", 1.0)))
+                 cpus_per_worker=float(tr.get("cpus_per_worker", 0.5)))
     summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest_checkpoint(settings.out),
                "out": settings.out}
     log.debug("train_vae: %s", summary)   # the job prints its own one-line summary
