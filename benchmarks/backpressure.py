@@ -6,9 +6,10 @@ Runs the synthesis job at the tiny preset (bundled ``checkpoints/tiny``, phantom
 previews) on a local Ray with ``--cpus`` logical CPUs, then reads every manifest row's
 ``timings.sampled_at`` (the sampler actor returned the sample) and ``timings.written_at`` (its files
 exist; the batch's shard follows). At each of those instants it counts the samples sampled and not
-yet written; the worst count, in samples and in writer batches, is the figure. A writer that is
-never scheduled shows as a lag that grows with n; a writer that keeps up as a lag of about one
-writer batch (plus what is in flight in the pool).
+yet written (the worst count, in samples and in writer batches), and the complete writer batches
+(all their samples sampled) not yet written: 1 means the writer only ever had the batch it was
+writing, so every sample is saved within its own writer batch; a writer that is never scheduled
+shows as a backlog that grows with n.
 """
 from __future__ import annotations
 
@@ -33,8 +34,19 @@ def lag_profile(rows: list[dict]) -> dict:
         level, last_t = level + d, t
         worst = max(worst, level)
     span = (events[-1][0] - events[0][0]) if events else 0.0
+    # writer batches (rows sharing one written_at): complete when their last sample was sampled; the
+    # backlog is the number of complete batches not yet written (1 = only the one being written)
+    batches: dict[float, float] = {}
+    for r in rows:
+        w = r["timings"]["written_at"]
+        batches[w] = max(batches.get(w, 0.0), r["timings"]["sampled_at"])
+    marks = sorted([(c, 1) for c in batches.values()] + [(w, -1) for w in batches])
+    backlog, worst_backlog = 0, 0
+    for _, d in marks:
+        backlog += d
+        worst_backlog = max(worst_backlog, backlog)
     return {"max_unsaved": worst, "mean_unsaved": round(area / span, 2) if span > 0 else 0.0,
-            "span_s": round(span, 1)}
+            "max_complete_batches_unwritten": worst_backlog, "batches": len(batches), "span_s": round(span, 1)}
 
 
 def main() -> None:

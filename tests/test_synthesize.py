@@ -284,3 +284,21 @@ def test_checks_before_work_refuse_a_wrong_preset_a_broken_library_and_an_out_th
     out.write_text("not a folder")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         run_synthesis(_job(out, tiny_checkpoint, 2, templates=tiny_templates), progress=False)
+
+
+def test_a_checkpoint_whose_config_does_not_fit_its_weights_is_refused_before_work(tiny_checkpoint, tiny_templates,
+                                                                                 tmp_path):
+    """Digests intact (re-saved), but the config names a wider UNet than the weights: one line naming
+    the weights file, before out exists."""
+    from fcas.models.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(tiny_checkpoint)
+    config = json.loads(json.dumps(ck.config))
+    config["model"]["unet"]["channels"] = [c * 2 for c in config["model"]["unet"]["channels"]]
+    bad = tmp_path / "bad-ckpt"
+    save_checkpoint(str(bad), config=config, state_dicts={n: ck.state_dict(n) for n in ("unet", "controlnet", "vae")},
+                    step=ck.step)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"checkpoint file .*unet.pt does not fit"):
+        run_synthesis(_job(out, str(bad), 2, templates=tiny_templates), progress=False)
+    assert not out.exists()

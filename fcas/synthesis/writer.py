@@ -97,8 +97,9 @@ class WriterStage:
             })
             status.append("written")
         # rows only after every file of the batch exists; rejects beside them
+        written_at = time.time()   # the batch's files exist (its shard follows): one instant for the batch
         for r in rows:
-            r["timings"]["written_at"] = time.time()   # before the shard: a lower bound of when it is durable
+            r["timings"]["written_at"] = written_at
         write_shard(self.out, rows)
         write_shard(self.out, rejects, schema=SAMPLE_REJECTS_SCHEMA, folder="rejects")
         done = np.full(len(status), time.time())   # when the batch's rows became durable (for rates)
