@@ -55,8 +55,8 @@ COMPOSED_JOBS = "prepare|synthesize|train_vae|train_tcdm|pretrain_cal|evaluate|e
 RULES = (
     Rule("run", r"(\.venv/bin/python jobs/plan\.py|fcas plan) ", "the planner is cheap: run as written",
          expect=r"FCaS synthesis plan: n=\d+(.|\n)* output_tb .* TB"),
-    Rule("run", r"fcas synthesize preset=tiny ", "a real run at the tiny preset", slow=True,
-         expect=r"synthesize: (\d+)/\1 samples in the manifest \(\1 new, 0 rejected\)"),
+    Rule("elsewhere", r"fcas synthesize preset=tiny n=2 ", "the same command, from the installed wheel in another folder",
+         where=("tests/test_packaging.py", '"synthesize", "preset=tiny", "n=2"')),
     Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py ",
          "demo/paper presets, S3, /data or a run made first: minutes to hours here"),
     Rule("compose", r"(RAY_ADDRESS=\S+ )?ray job submit ", "needs a cluster's job API: the job it submits is composed"),
