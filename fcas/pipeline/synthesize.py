@@ -169,10 +169,12 @@ def run_synthesis(job: SynthesisJob, ray_address: str | None = None, progress: b
                  LEASE_FILE, DATALIST_FILE):
         safe_child(job.out, name)
     check_checkpoint_fits(job)
+    given = None   # a prepared library is read and checked once, here; phantoms are prepared under the lease
     if not job.templates.startswith("phantom:"):
-        check_template_library(TemplateLibrary.from_manifest(job.templates), job.templates, job.schema)
+        given = TemplateLibrary.from_manifest(job.templates)
+        check_template_library(given, job.templates, job.schema)
     with acquire_lease(job.out, ttl=job.resources.lease_ttl) as lease:
-        return _run_leased(job, lease, ray_address, progress)
+        return _run_leased(job, lease, given, ray_address, progress)
 
 
 def check_checkpoint_fits(job: SynthesisJob) -> None:
@@ -209,13 +211,14 @@ def check_template_library(library: TemplateLibrary, source: str, schema: str) -
     rows = manifest.read_cases(source, resolve=False).to_pylist()   # only ids and class_voxels are used
     for r in rows:
         if r["case_id"] in refs:
-            voxels = r["class_voxels"] if isinstance(r["class_voxels"], dict) else manifest.map_to_dict(r["class_voxels"])
+            voxels = dict(r["class_voxels"] or ())   # a map cell reads back as (key, value) pairs
             if not any(int(voxels.get(c, 0)) > 0 for c in cardiac):
                 raise ValueError(f"{source}: case {r['case_id']} has no voxels of any cardiac class "
                                  f"({', '.join(sorted(cardiac))}); its label map does not follow schema {schema!r}")
 
 
-def _run_leased(job: SynthesisJob, lease: Lease, ray_address: str | None, progress: bool) -> dict:
+def _run_leased(job: SynthesisJob, lease: Lease, library: TemplateLibrary | None, ray_address: str | None,
+                progress: bool) -> dict:
     t_start = time.time()
     compact_run(job.out)   # a run that stopped before compacting leaves many small shards
     existing = read_run_manifest(job.out, quarantine=True)   # read once: the digest check and the finished ids share it
@@ -224,7 +227,7 @@ def _run_leased(job: SynthesisJob, lease: Lease, ray_address: str | None, progre
                                          "run_seed": job.run_seed, "shape": list(job.shape),
                                          "spacing": list(job.spacing), "checkpoint_digest": digest})
     ensure_ray(ray_address)
-    library = template_library(job, ray_address)
+    library = template_library(job, ray_address) if library is None else library
     check_identity(job.out, "templates", {"library_digest": library_digest(library),
                                           "n_templates": len(library.templates),
                                           "n_references": len(library.references)})

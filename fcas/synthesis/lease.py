@@ -70,7 +70,7 @@ def _create_exclusive(uri: str, data: bytes) -> bool:
             os.unlink(tmp)
     try:
         fs.pipe_file(path, data, mode="create")
-    except (FileExistsError, OSError) as err:
+    except OSError as err:   # FileExistsError included
         if isinstance(err, FileExistsError) or "PreconditionFailed" in str(err) or "412" in str(err):
             return False
         raise
