@@ -68,11 +68,13 @@ class ReproduceSettings:
     n_test: int = 10
     n_val: int = 0                              # validation phantoms for early stopping (0: none)
     real_offset: int = 5000
+    real_domain: str = "standard"               # acquisition of the "real" segmentation phantoms (fcas.phantom.DOMAINS)
     # Table 1
     checkpoint: str = "checkpoints/demo"
     mask_only_checkpoint: str = "checkpoints/demo-mask-only"
     pairs: int = 10
     table1_steps: int = 20
+    oracle_mean_n: int = 16                     # phantoms averaged for the population-mean oracle (template_oracles)
     fid_resize: tuple[int, int, int] | None = None
     # synthesis
     syn_n: int = 400
@@ -113,6 +115,10 @@ class ReproduceSettings:
         if self.n_train < 1 or self.n_test < 2 or self.pairs < 2 or self.syn_n < 1 or self.library_n < 2:
             raise ValueError(f"need n_train >= 1, n_test >= 2, pairs >= 2, syn_n >= 1, library_n >= 2; got "
                              f"{self.n_train}, {self.n_test}, {self.pairs}, {self.syn_n}, {self.library_n}")
+        from fcas.phantom import DOMAINS
+
+        if self.real_domain not in DOMAINS:
+            raise ValueError(f"real_domain must be one of {', '.join(DOMAINS)}, got {self.real_domain!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ReproduceSettings":
@@ -123,19 +129,30 @@ class ReproduceSettings:
         return cls(**dict(d))
 
     @property
+    def _domain(self) -> str:
+        return "" if self.real_domain == "standard" else f":{self.real_domain}"
+
+    @property
     def train_source(self) -> str:
-        return f"phantom:{self.n_train}@{self.real_offset}"
+        """The "real" segmentation cases (in :attr:`real_domain`)."""
+        return f"phantom:{self.n_train}@{self.real_offset}{self._domain}"
 
     @property
     def test_source(self) -> str:
+        """Table 1's held-out pairs: the TCDM's own (standard) domain."""
         return f"phantom:{self.n_test}@{self.real_offset + self.n_train}"
 
     @property
+    def seg_test_source(self) -> str:
+        """The segmentation test cases: the seeds of :attr:`test_source` in :attr:`real_domain`."""
+        return self.test_source + self._domain
+
+    @property
     def val_source(self) -> str | None:
-        """Validation phantoms: after the train, test and FID-floor seeds."""
+        """Validation phantoms (in :attr:`real_domain`): after the train, test and FID-floor seeds."""
         if not self.n_val:
             return None
-        return f"phantom:{self.n_val}@{self.real_offset + self.n_train + self.n_test + self.pairs}"
+        return f"phantom:{self.n_val}@{self.real_offset + self.n_train + self.n_test + self.pairs}{self._domain}"
 
 
 @dataclass(frozen=True)
@@ -398,7 +415,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
 
     def cases(which: str):
         if which not in cache:
-            src = {"train": s.train_source, "test": s.test_source,
+            src = {"train": s.train_source, "test": s.test_source, "seg_test": s.seg_test_source,
                    "floor": f"phantom:{s.pairs}@{s.real_offset + s.n_train + s.n_test}"}[which]
             cache[which] = load_cases(src, s.shape, s.spacing)
         return cache[which]
@@ -406,12 +423,20 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
     for seed in s.seeds if "table1" in todo else ():
         stages[f"table1_seed{seed}"] = _stage(s.work, f"table1_seed{seed}",
                                               lambda seed=seed: table1_seed(s, seed, cases("test"), cases("floor")), key)
+    if "table1" in todo:
+        from fcas.evaluation.template_oracles import template_information
+
+        test_seeds = range(s.real_offset + s.n_train, s.real_offset + s.n_train + s.n_test)
+        mean_seeds = range(s.real_offset + 9000, s.real_offset + 9000 + s.oracle_mean_n)
+        stages["table1_oracles"] = _stage(s.work, "table1_oracles", lambda: template_information(
+            test_seeds, s.shape, s.spacing, mean_seeds), key)
     syn_out = storage.join(s.work, "synthesis")
     if "synthesis" in todo:
         stages["synthesis"] = _stage(s.work, "synthesis", lambda: runners.synthesize(
             n=s.syn_n, out=syn_out, checkpoint=s.checkpoint, templates=stages["data"]["result"]["library"],
             run_seed=s.syn_seed, steps=s.syn_steps, ssv_every=s.ssv_every, shape=s.shape, spacing=s.spacing,
-            sampler_actors=s.sampler_actors, ssv_mode=s.ssv_mode, ssv_start=s.ssv_start), key, clean=syn_out)
+            sampler_actors=s.sampler_actors, ssv_mode=s.ssv_mode, ssv_start=s.ssv_start,
+            sampler_threads=max(1, s.threads // max(1, s.sampler_actors))), key, clean=syn_out)
 
     def train_set():
         if "ft" not in cache:
@@ -424,7 +449,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         for arm in ARMS:
             name = f"seg_{arm}_seed{seed}"
             stages[name] = _stage(s.work, name, lambda arm=arm, seed=seed: train_and_evaluate_seg(
-                s, arm, seed, syn_out, train_set(), cases("test")), key, clean=storage.join(s.work, "seg", arm, f"seed{seed}"))
+                s, arm, seed, syn_out, train_set(), cases("seg_test")), key, clean=storage.join(s.work, "seg", arm, f"seed{seed}"))
     uri = render_results(s, stages, config or {})
     _log_event(s.work, {"stage": "run", "event": "end", "seconds": 0.0, "at": time.time()})
     return {"stages": {k: v["seconds"] for k, v in stages.items()}, "results": uri}
@@ -575,6 +600,8 @@ def _table1_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str) -> tu
         if all(r and "ssim_mean_whole" in r for r in recon):
             L.append(f"| VAE reconstruction of I_A | {_pm(*_ms([r['ssim_mean_whole'] for r in recon])[:2])} | "
                      f"{_pm(*_ms([r['rmse_mean_whole'] for r in recon])[:2])} |")
+    if "table1_oracles" in stages:
+        L += [""] + _oracles_md(stages["table1_oracles"]["result"], s)
     L += ["", "Per seed (template / mask-only): " + "; ".join(
         f"seed {r['seed']}: SSIM {r['template']['ssim_mean']:.3f} / {r['mask_only']['ssim_mean']:.3f}, "
         f"RMSE {r['template']['rmse_mean']:.3f} / {r['mask_only']['rmse_mean']:.3f}" for r in t1r) + ".",
@@ -585,6 +612,23 @@ def _table1_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str) -> tu
          f"- Table 1, RMSE template < mask-only: {_verdict(tm['rmse'][0], mm['rmse'][0], tm['rmse'][1], mm['rmse'][1], False)}.",
          f"- Table 1, FID template < mask-only: {_verdict(tm['fid'][0], mm['fid'][0], tm['fid'][1], mm['fid'][1], False)}."]
     return L, {"table1.png": _plot_table1(t1)}, V
+
+
+def _oracles_md(o: Mapping[str, Any], s: ReproduceSettings) -> list[str]:
+    """What a template can tell about I_A on these phantoms, without any model (template_oracles)."""
+    t = {k: _pm(v["mean"], v["sd"]) for k, v in o["table"].items()}
+    return ["**What the template can carry here** (model-free oracles on the same "
+            f"{o['pairs']} test pairs, `fcas/evaluation/template_oracles.py`, `benchmarks/template_information.py`): "
+            f"I_A re-rendered with B's HU table scores SSIM {t['own_hu_of_B']} against I_A under the mask (its own "
+            f"noise-free image {t['noise_free']}, noise-free with B's table {t['noise_free_hu_B']}), so B's intensities "
+            f"can move the masked SSIM by at most {o['hu_table_effect']:.3f}; over the whole volume, I_A's heart pasted "
+            f"into I_B scores {t['A_heart_in_B']} and into the mean of {s.oracle_mean_n} other phantoms "
+            f"{t['A_heart_in_mean']} (I_B alone {t['B_image']}): copying the template's surroundings is "
+            f"{'worse' if o['surroundings_copy_minus_mean'] < 0 else 'better'} than the population mean a mask-only "
+            "model can learn. Phantom cases are drawn independently, so the template carries almost nothing about "
+            "I_A that M_A does not: the direction of Table 1 cannot show on them, whatever the models. Real scans of "
+            "one site share scanner, protocol and patient position, which is where the paper's template helps; "
+            "testing that needs real CT.", ""]
 
 
 def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary: str) -> tuple[list[str], dict, list[str]]:
@@ -606,8 +650,8 @@ def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary
            f"at lr {s.lr} (as many gradient steps as the pretrained arms). **Real + Syn**: pretrained {s.pretrain_steps} "
            f"steps on the {n_syn} synthetic samples with the CAL loss (Eq. 9), then fine-tuned {s.finetune_steps} steps on "
            f"the same {s.n_train} cases at lr {s.finetune_lr}. ")
-        + f"Test: {s.n_test} held-out phantoms ({s.test_source}). "
-        f"Substructures = the 7 non-coronary cardiac classes; RDice radius {s.rdice_radius} voxels.", "",
+        + f"Test: {s.n_test} held-out phantoms ({s.seg_test_source}). " + _domain_md(s)
+        + f"Substructures = the 7 non-coronary cardiac classes; RDice radius {s.rdice_radius} voxels.", "",
         "| training | Dice substructures ↑ | Dice coronary ↑ | mean Dice (8 classes) ↑ | mean RDice ↑ | RDice coronary ↑ |",
         "|---|---|---|---|---|---|"]
     for arm, label in (("real_only", f"Real {s.n_train}"), ("cal", f"Real {s.n_train} + Syn {n_syn} (CAL)")):
@@ -636,6 +680,15 @@ def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary
          f"- Table 4, mean Dice CAL > plain: {_verdict(c['mean_dice'][0], p['mean_dice'][0], c['mean_dice'][1], p['mean_dice'][1])}.",
          f"- Table 4, coronary Dice CAL > plain: {_verdict(c['cor_dice'][0], p['cor_dice'][0], c['cor_dice'][1], p['cor_dice'][1])}."]
     return L, _plot_seg(s, seg, stages), V
+
+
+def _domain_md(s: ReproduceSettings) -> str:
+    if s.real_domain == "standard":
+        return ""
+    return (f"The real train, validation and test cases are `{s.real_domain}` phantoms (`fcas.phantom`: a late, weak "
+            "contrast bolus, 2.8x the noise and a softer kernel), another scanner and protocol than the standard "
+            "phantoms of the template library the synthetic images follow: as in the paper's Table 2, the synthetic "
+            "data come from one data set and the net is fine-tuned and tested on another. ")
 
 
 def _stopping_md(s: ReproduceSettings, stages: Mapping[str, dict]) -> str:
@@ -730,8 +783,9 @@ def render_results(s: ReproduceSettings, stages: Mapping[str, dict], config: Map
           f"- Synthesis: {syn.get('n_written', 'not run')} samples (`{s.checkpoint}`, DDIM {s.syn_steps} steps, SSV "
           f"{s.ssv_mode} mode every {s.ssv_every} steps from step {int(s.ssv_start * s.syn_steps)}, run seed {s.syn_seed}, template library phantom:{s.library_n} = the "
           "demo TCDM's own training phantoms 0..N-1, split 25 % template / 75 % reference); one run shared by every seed.",
-          f"- Real (phantom) data: train {s.train_source}, test {s.test_source}"
-          f"{f', validation {s.val_source}' if s.val_source else ''} (phantom seeds the TCDM never saw).",
+          f"- Real (phantom) data: segmentation train {s.train_source}, test {s.seg_test_source}"
+          f"{f', validation {s.val_source}' if s.val_source else ''}; Table 1 pairs {s.test_source} (phantom seeds the "
+          "TCDM never saw).",
           "", "```", *(f"{k}: {json.dumps(json_safe(v))}" for k, v in (config or asdict(s)).items()), "```", "",
           "## Stage timings", "",
           "Wall seconds of each stage when it ran (a cached stage keeps the figure of the run that made it). "

@@ -204,3 +204,27 @@ def test_preview_orientation_follows_the_affine():
 def test_preview_rejects_mismatched_arrays():
     with pytest.raises(ValueError):
         triplanar_png(np.zeros((8, 8, 8)), np.zeros((8, 8, 9), np.uint8), None)
+
+
+def test_lowdose_domain_keeps_the_anatomy_and_lowers_contrast_and_raises_noise():
+    std = make_case(4, (32, 32, 32), (4.0, 4.0, 4.0))
+    low = make_case(4, (32, 32, 32), (4.0, 4.0, 4.0), domain="lowdose")
+    assert np.array_equal(std.label, low.label) and low.info["domain"] == "lowdose"
+    lv, myo = SCHEMA.id("left_ventricle"), SCHEMA.id("lv_myocardium")
+    contrast = lambda c: np.median(c.image[c.label == lv]) - np.median(c.image[c.label == myo])  # noqa: E731
+    assert 0.4 < contrast(low) / contrast(std) < 0.7           # the blood's enhancement over myocardium at 55 %
+    assert low.info["hu"]["noise"] == pytest.approx(2.8 * std.info["hu"]["noise"], abs=0.2)
+    noise = lambda c, d: np.std(c.image.astype(np.float32) - make_case(4, (32, 32, 32), (4.0, 4.0, 4.0), noise=False,  # noqa: E731
+                                                                        domain=d).image)
+    assert noise(low, "lowdose") == pytest.approx(2.8 * noise(std, "standard"), rel=0.05)
+
+
+def test_unknown_domain_is_refused_in_the_case_and_in_the_source():
+    from fcas.diffusion.data import load_cases
+
+    with pytest.raises(ValueError, match="unknown phantom domain 'mri'"):
+        make_case(0, (32, 32, 32), (4.0, 4.0, 4.0), domain="mri")
+    with pytest.raises(ValueError, match="phantom:1@3:mri.*unknown phantom domain"):
+        load_cases("phantom:1@3:mri", (32, 32, 32), (4.0, 4.0, 4.0))
+    a = load_cases("phantom:1@3:lowdose", (32, 32, 32), (4.0, 4.0, 4.0))
+    assert a.case_ids == ["phantom_00003"] and np.array_equal(a.labels[0].numpy(), make_case(3, (32, 32, 32), (4.0, 4.0, 4.0)).label)

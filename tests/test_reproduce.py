@@ -57,7 +57,7 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
 
     work = tmp_path / "work"
     seeds = list(cfg.scales.smoke.seeds)
-    names = {"data", "synthesis", *(f"table1_seed{k}" for k in seeds), *(f"seg_{a}_seed{k}" for a in ARMS for k in seeds)}
+    names = {"data", "synthesis", "table1_oracles", *(f"table1_seed{k}" for k in seeds), *(f"seg_{a}_seed{k}" for a in ARMS for k in seeds)}
     assert {p.stem for p in (work / "stages").glob("*.json")} == names
     ran = {r["stage"] for r in read_stage_log(str(work)) if r["event"] == "ran"}
     assert ran == names
@@ -71,6 +71,11 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
     assert t1["template"]["ssim_mean"] != t1["template"]["ssim_mean_whole"]
     assert {"ssim_mean", "ssim_mean_whole", "rmse_mean", "rmse_mean_whole"} <= set(t1["vae_reconstruction"])
     assert "Over the whole volume:" in _section(md, "## Table 1")
+    # the model-free oracles of what a template can carry, on the same test pairs
+    orc = json.loads((work / "stages" / "table1_oracles.json").read_text())["result"]
+    assert orc["pairs"] == cfg.scales.smoke.n_test and len(orc["table"]["noise_free"]["per_pair"]) == orc["pairs"]
+    assert all(0.0 < v["mean"] <= 1.0 for v in orc["table"].values())
+    assert "What the template can carry here" in _section(md, "## Table 1")
     # both arms used the same checkpoint here, with the same noise per (seed, pair): identical images
     assert t1["template"]["ssim"] == t1["mask_only"]["ssim"]
     seg = json.loads((work / "stages" / f"seg_cal_seed{seeds[0]}.json").read_text())["result"]
@@ -139,10 +144,18 @@ def test_verdict(better, worse, sd_b, sd_w, higher, start):
     assert _verdict(better, worse, sd_b, sd_w, higher).startswith(start)
 
 
-@pytest.mark.parametrize("bad", [{"seeds": []}, {"pairs": 1}, {"n_test": 1}, {"stop_after": "nope"}, {"nonsense": 1}])
+@pytest.mark.parametrize("bad", [{"seeds": []}, {"pairs": 1}, {"n_test": 1}, {"stop_after": "nope"}, {"nonsense": 1},
+                                 {"real_domain": "mri"}])
 def test_settings_refuse_bad_values(bad):
     with pytest.raises(ValueError):
         ReproduceSettings.from_dict({"work": "w", **bad})
+
+
+def test_real_domain_moves_the_segmentation_cases_only():
+    s = ReproduceSettings(work="w", n_train=2, n_test=3, n_val=2, pairs=3, real_offset=100, real_domain="lowdose")
+    assert s.train_source == "phantom:2@100:lowdose" and s.seg_test_source == "phantom:3@102:lowdose"
+    assert s.val_source == "phantom:2@108:lowdose"
+    assert s.test_source == "phantom:3@102"   # Table 1's pairs stay in the TCDM's own domain
 
 
 def test_unknown_scale_is_refused(tmp_path):

@@ -24,6 +24,10 @@ probability in every epoch (even with a fixed order), and then ``(A, B)`` and ``
 with probability ``1 / (K (K - 1))`` per pair; with the shards re-split each epoch, every ordered pair
 of the N cases has non-zero probability. Pairs are local to a buffer, so nearby cases in the stream
 pair more often than far ones; the per-epoch reshuffle evens that out over epochs.
+
+With a latent cache (``train.latent_cache``, :mod:`fcas.diffusion.latent_cache`) each case also carries
+``latent (C, D/4, H/4, W/4)``, the frozen VAE's posterior mean, and :func:`pair_batch` crops it at the
+image window divided by the VAE's downsampling.
 """
 from __future__ import annotations
 
@@ -37,19 +41,22 @@ import torch
 from fcas.diffusion.conditioning import hu_to_unit
 from fcas.io import storage
 
-__all__ = ["CaseArrays", "load_cases", "case_rows", "load_case_batch", "CaseBuffer", "crop_slices", "pair_batch"]
+__all__ = ["CaseArrays", "load_cases", "case_rows", "load_raw_case", "load_case_batch", "CaseBuffer", "crop_slices",
+           "pair_batch"]
 
-_PHANTOM = re.compile(r"phantom:(\d+)(?:@(\d+))?$")
+_PHANTOM = re.compile(r"phantom:(\d+)(?:@(\d+))?(?::([a-z]+))?$")   # phantom:N[@OFFSET][:DOMAIN]
 
 
 @dataclass
 class CaseArrays:
-    """``images (N, 1, D, H, W)`` float32 in [0, 1]; ``labels (N, D, H, W)`` uint8; ``case_ids``; ``affines``."""
+    """``images (N, 1, D, H, W)`` float32 in [0, 1]; ``labels (N, D, H, W)`` uint8; ``case_ids``; ``affines``;
+    ``latents (N, C, D/4, H/4, W/4)`` float32 unscaled VAE posterior means (from a latent cache) or None."""
 
     case_ids: list[str]
     images: torch.Tensor
     labels: torch.Tensor
     affines: list[np.ndarray]
+    latents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -74,15 +81,19 @@ def load_cases(
     spacing: Sequence[float] | None = None,
     split: str | None = "train",
 ) -> CaseArrays:
-    """Load cases from ``phantom:N[@OFFSET]`` (needs ``shape``/``spacing``) or a cases.parquet URI."""
+    """Load cases from ``phantom:N[@OFFSET][:DOMAIN]`` (needs ``shape``/``spacing``; DOMAIN one of
+    :data:`fcas.phantom.DOMAINS`, default standard) or a cases.parquet URI."""
     m = _PHANTOM.match(str(source))
     if m:
-        from fcas.phantom import make_case
+        from fcas.phantom import DOMAINS, make_case
 
-        n, offset = int(m.group(1)), int(m.group(2) or 0)
+        n, offset, domain = int(m.group(1)), int(m.group(2) or 0), m.group(3) or "standard"
         if n < 1 or shape is None or spacing is None:
             raise ValueError(f"{source!r}: phantom source needs N >= 1 and the preset shape and spacing")
-        cases = [make_case(seed=offset + i, shape=tuple(shape), spacing=tuple(spacing)) for i in range(n)]
+        if domain not in DOMAINS:
+            raise ValueError(f"{source!r}: unknown phantom domain {domain!r}; known: {', '.join(DOMAINS)}")
+        cases = [make_case(seed=offset + i, shape=tuple(shape), spacing=tuple(spacing), domain=domain)
+                 for i in range(n)]
         return _stack(
             [f"phantom_{offset + i:05d}" for i in range(n)],
             [c.image for c in cases],
@@ -120,6 +131,8 @@ def case_rows(source: str, split: str | None = "train") -> list[dict]:
         n, offset = int(m.group(1)), int(m.group(2) or 0)
         if n < 1:
             raise ValueError(f"{source!r}: phantom source needs N >= 1")
+        if m.group(3) not in (None, "standard"):
+            raise ValueError(f"{source!r}: the streamed training jobs read standard phantoms only")
         return [{"case_id": f"phantom_{offset + i:05d}", "phantom_seed": offset + i, "image_uri": "", "label_uri": ""}
                 for i in range(n)]
     from fcas.io.manifest import read_cases
@@ -134,28 +147,36 @@ def case_rows(source: str, split: str | None = "train") -> list[dict]:
             for r in rows]
 
 
+def load_raw_case(phantom_seed: int, image_uri: str, label_uri: str, shape: Sequence[int],
+                  spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """One row of :func:`case_rows` -> ``(image (D, H, W) HU as stored, label (D, H, W))``: the phantom of
+    ``phantom_seed`` (>= 0) at the preset grid, else the two NIfTI files."""
+    if int(phantom_seed) >= 0:
+        from fcas.phantom import make_case
+
+        c = make_case(seed=int(phantom_seed), shape=tuple(shape), spacing=tuple(spacing))
+        return c.image, c.label
+    from fcas.io.nifti import read_nifti
+
+    return read_nifti(str(image_uri)).array, read_nifti(str(label_uri)).array
+
+
 def load_case_batch(batch, shape: Sequence[int], spacing: Sequence[float]) -> dict[str, np.ndarray]:
     """Rows of :func:`case_rows` (columns of ``(B,)``) -> ``case_id (B,)``, ``image (B, 1, D, H, W)`` float32 in
     [0, 1], ``label (B, D, H, W)`` uint8 (the Ray Data map of the streamed training jobs)."""
-    from fcas.io.nifti import read_nifti
-    from fcas.phantom import make_case
-
     imgs, labs = [], []
     for seed, img_uri, lab_uri in zip(batch["phantom_seed"], batch["image_uri"], batch["label_uri"]):
-        if int(seed) >= 0:
-            c = make_case(seed=int(seed), shape=tuple(shape), spacing=tuple(spacing))
-            imgs.append(c.image)
-            labs.append(c.label)
-        else:
-            imgs.append(read_nifti(str(img_uri)).array)
-            labs.append(read_nifti(str(lab_uri)).array)
+        img, lab = load_raw_case(int(seed), str(img_uri), str(lab_uri), shape, spacing)
+        imgs.append(img)
+        labs.append(lab)
     cases = _stack([str(i) for i in batch["case_id"]], imgs, labs, [np.eye(4)] * len(imgs))
     return {"case_id": np.asarray(cases.case_ids), "image": cases.images.numpy(), "label": cases.labels.numpy()}
 
 
 class CaseBuffer:
-    """At most ``size`` cases of a stream of ``{"case_id", "image", "label"}`` dicts (one case each), as a
-    :class:`CaseArrays` (``.cases``) whose slots :meth:`refill` replaces one at a time (see the module docstring)."""
+    """At most ``size`` cases of a stream of ``{"case_id", "image", "label"}`` dicts (one case each; with a
+    ``"latent"`` too when the stream comes from a latent cache), as a :class:`CaseArrays` (``.cases``) whose
+    slots :meth:`refill` replaces one at a time (see the module docstring)."""
 
     def __init__(self, stream: Iterator[Mapping[str, Any]], size: int):
         if size < 1:
@@ -169,6 +190,8 @@ class CaseBuffer:
                                 torch.stack([torch.tensor(np.asarray(c["image"], dtype=np.float32)) for c in first]),
                                 torch.stack([torch.tensor(np.asarray(c["label"], dtype=np.uint8)) for c in first]),
                                 [np.eye(4)] * size)
+        if "latent" in first[0]:
+            self.cases.latents = torch.stack([torch.tensor(np.asarray(c["latent"], dtype=np.float32)) for c in first])
 
     def _next(self) -> dict:
         try:
@@ -182,6 +205,8 @@ class CaseBuffer:
         c = self._next()
         self.cases.images[slot] = torch.as_tensor(np.array(c["image"], dtype=np.float32))
         self.cases.labels[slot] = torch.as_tensor(np.array(c["label"], dtype=np.uint8))
+        if self.cases.latents is not None:
+            self.cases.latents[slot] = torch.as_tensor(np.array(c["latent"], dtype=np.float32))
         self.cases.case_ids[slot] = str(c["case_id"])
         return slot
 
@@ -203,14 +228,24 @@ def crop_slices(shape: Sequence[int], crop: Sequence[int] | None, rng: np.random
 def pair_batch(
     cases: CaseArrays, pairs: np.ndarray, crop: Sequence[int] | None, rng: np.random.Generator
 ) -> dict[str, torch.Tensor]:
-    """Batch for pairs ``(P, 2)``: ``image_a/image_b (P, 1, d, h, w)``, ``label_a/label_b (P, d, h, w)``.
+    """Batch for pairs ``(P, 2)``: ``image_a/image_b (P, 1, d, h, w)``, ``label_a/label_b (P, d, h, w)``; with
+    ``cases.latents`` also ``latent_a/latent_b (P, C, d/4, h/4, w/4)``, the latents at the same window.
 
-    Each pair gets its own crop window, shared by its two cases.
+    Each pair gets its own crop window, shared by its two cases (the draws do not depend on the latents).
     """
-    out: dict[str, list] = {"image_a": [], "label_a": [], "image_b": [], "label_b": []}
+    keys = ("image", "label") + (("latent",) if cases.latents is not None else ())
+    out: dict[str, list] = {f"{k}_{x}": [] for k in keys for x in "ab"}
+    down = None
+    if cases.latents is not None:
+        down = [s // z for s, z in zip(cases.shape, cases.latents.shape[2:])]
+        if any(d < 1 or s != d * z for s, d, z in zip(cases.shape, down, cases.latents.shape[2:])):
+            raise ValueError(f"latents {tuple(cases.latents.shape[2:])} do not divide the image grid {cases.shape}")
     for a, b in pairs:
         sl = crop_slices(cases.shape, crop, rng)
         for key, idx in (("a", a), ("b", b)):
             out[f"image_{key}"].append(cases.images[idx][(slice(None), *sl)])
             out[f"label_{key}"].append(cases.labels[idx][sl])
+            if down is not None:
+                zsl = tuple(slice(s.start // d, s.stop // d) for s, d in zip(sl, down))
+                out[f"latent_{key}"].append(cases.latents[idx][(slice(None), *zsl)])
     return {k: torch.stack(v) for k, v in out.items()}

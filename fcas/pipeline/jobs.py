@@ -86,6 +86,7 @@ def synthesis_job_from_cfg(cfg: DictConfig):
         actor_max_restarts=int(r.actor_max_restarts), actor_task_retries=int(r.actor_task_retries),
         writer_retries=int(r.writer_retries), sampler_tries=int(r.sampler_tries),
         compact_every=int(r.get("compact_every", 5000)), lease_ttl=float(r.get("lease_ttl", 120.0)),
+        sampler_threads=int(r.get("sampler_threads", 0)),
     )
     plain = OmegaConf.to_container(cfg, resolve=True)
     # the hash names the settings that decide a sample's content, so n / out / resources may change on reruns

@@ -27,13 +27,15 @@ def ray_runners(ray_address: str | None = None, progress: bool = False) -> Runne
         return run_prepare(job, ray_address)
 
     def synthesize(n: int, out: str, checkpoint: str, templates: str, run_seed: int, steps: int, ssv_every: int,
-                   shape, spacing, sampler_actors: int = 1, ssv_mode: str = "latent", ssv_start: float = 0.0) -> dict:
+                   shape, spacing, sampler_actors: int = 1, ssv_mode: str = "latent", ssv_start: float = 0.0,
+                   sampler_threads: int = 0) -> dict:
         k = int(sampler_actors)
         job = SynthesisJob(n=n, out=out, checkpoint=checkpoint, templates=templates, run_seed=run_seed,
                            shape=tuple(shape), spacing=tuple(spacing), preview=False,
                            sampler=SamplerSettings(steps=steps, ssv_every=ssv_every, ssv_mode=ssv_mode,
                                                    ssv_start=ssv_start),
-                           resources=Resources(sampler_actors=(k, k), sampler_cpus=0.5 if k < 2 else 0.6))
+                           resources=Resources(sampler_actors=(k, k), sampler_cpus=0.5 if k < 2 else 0.6,
+                                               sampler_threads=int(sampler_threads)))
         return run_synthesis(job, ray_address, progress=progress)
 
     return Runners(prepare=prepare, synthesize=synthesize)

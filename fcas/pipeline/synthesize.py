@@ -45,6 +45,7 @@ class Resources:
     sampler_actors: tuple[int, int] = (1, 1)   # (min, max) actor pool size
     sampler_gpus: float = 0.0                  # per sampler actor (1 on GPU clusters)
     sampler_cpus: float = 0.5
+    sampler_threads: int = 0                   # torch threads per sampler actor (0: Ray's OMP_NUM_THREADS)
     sampler_batch_size: int = 1
     mgm_actors: tuple[int, int] = (1, 1)
     mgm_cpus: float = 0.25
@@ -149,7 +150,8 @@ def build_pipeline(job: SynthesisJob, library: TemplateLibrary, done: np.ndarray
                         batch_size=1, num_cpus=r.mgm_cpus, compute=_pool(r.mgm_actors), **actor_retry)
     ds = ds.map_batches(SamplerStage, fn_constructor_kwargs={"checkpoint": job.checkpoint, "settings": job.sampler,
                                                              "tries": r.sampler_tries, "faults": job.faults,
-                                                             "expected_digest": digest},
+                                                             "expected_digest": digest,
+                                                             "threads": r.sampler_threads},
                         batch_size=r.sampler_batch_size, compute=_pool(r.sampler_actors),
                         num_gpus=r.sampler_gpus, num_cpus=r.sampler_cpus, **actor_retry)
     return ds.map_batches(WriterStage(job.out, job.sampler.to_json(), job.config_hash, job.preview, job.faults,

@@ -83,7 +83,10 @@ class SamplerStage:
     empty when fine), ``sample_s``, ``decode_s``, ``ssv_s`` and ``checkpoint_digest``."""
 
     def __init__(self, checkpoint: str, settings: SamplerSettings | Mapping | None = None, cache_size: int = 8,
-                 tries: int = 2, faults: FaultPlan | None = None, expected_digest: str | None = None):
+                 tries: int = 2, faults: FaultPlan | None = None, expected_digest: str | None = None,
+                 threads: int = 0):
+        if int(threads) > 0:   # Ray sets OMP_NUM_THREADS=1 for a fractional-CPU actor; a CPU machine may give more
+            torch.set_num_threads(int(threads))
         self.settings = settings if isinstance(settings, SamplerSettings) else SamplerSettings(**(settings or {}))
         dev = self.settings.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
