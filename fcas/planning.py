@@ -1,5 +1,6 @@
-"""Scale planner for the synthesis job: how many sampler actors and CPU workers, how long, how many
-GPU-hours, how many bytes and how much money a run of ``n`` samples takes.
+"""Scale planner: for the synthesis job, how many sampler actors and CPU workers, how long, how many
+GPU-hours, how many bytes and how much money a run of ``n`` samples takes; for TCDM training
+(:func:`make_training_plan`), the steps, GPU-hours and GPU memory of a training run.
 
 Hand-written arithmetic over per-stage costs; every input figure carries its source and every output
 says how it was derived, so a plan can be checked line by line. The costs come from a hardware
@@ -26,7 +27,8 @@ from fcas.bundled import resolve
 from fcas.config_files import read_config
 from fcas.presets import load_preset
 
-__all__ = ["Figure", "HardwareProfile", "PlanRequest", "load_hardware", "make_plan", "format_plan"]
+__all__ = ["Figure", "HardwareProfile", "PlanRequest", "TrainingPlanRequest", "load_hardware", "make_plan",
+           "make_training_plan", "format_plan"]
 
 _UNIT_FIGURES = {
     "dm_s_per_step_per_latent_mvox": "s",
@@ -39,6 +41,14 @@ _UNIT_FIGURES = {
     "label_bytes_per_voxel": "B",
     "confidence_bytes_per_voxel": "B",
     "preview_bytes_per_sample": "B",
+}
+# optional figures, needed by the training plan only
+_TRAIN_FIGURES = {
+    "infer_peak_gib_per_latent_mvox": "GiB",   # denoiser forward (no grad): peak GPU memory per latent Mvox
+    "train_backward_factor": "ratio",          # (forward + backward) / forward time of the denoiser
+    "train_activation_factor": "ratio",        # activations kept for backward / the inference peak
+    "encode_vs_decode": "ratio",               # VAE encode time / decode time at one size
+    "gpu_memory_gib": "GiB",                   # memory of one GPU
 }
 
 
@@ -105,7 +115,8 @@ def _from_benchmark(path: str) -> dict[str, Figure]:
 def _figure(name: str, spec: Any, where: str) -> Figure:
     if not isinstance(spec, Mapping) or "value" not in spec or not str(spec.get("source", "")).strip():
         raise ValueError(f"{where}: figure {name!r} needs a value and a non-empty source, got {spec!r}")
-    return Figure(float(spec["value"]), str(spec.get("unit", _UNIT_FIGURES.get(name, ""))), str(spec["source"]))
+    unit = _UNIT_FIGURES.get(name, _TRAIN_FIGURES.get(name, ""))
+    return Figure(float(spec["value"]), str(spec.get("unit", unit)), str(spec["source"]))
 
 
 def load_hardware(name_or_path: str) -> HardwareProfile:
@@ -119,8 +130,8 @@ def load_hardware(name_or_path: str) -> HardwareProfile:
     if base:
         figures = {**load_hardware(str(base)).figures, **figures}
     for k, spec in (cfg.get("figures") or {}).items():
-        if k not in _UNIT_FIGURES:
-            raise ValueError(f"{where}: unknown figure {k!r}; known: {sorted(_UNIT_FIGURES)}")
+        if k not in _UNIT_FIGURES and k not in _TRAIN_FIGURES:
+            raise ValueError(f"{where}: unknown figure {k!r}; known: {sorted({**_UNIT_FIGURES, **_TRAIN_FIGURES})}")
         figures[k] = _figure(k, spec, where)
     missing = sorted(set(_UNIT_FIGURES) - set(figures))
     if missing:
@@ -232,6 +243,99 @@ def make_plan(req: PlanRequest, hw: HardwareProfile | None = None) -> dict:
             "bottleneck": "sampler" if sampler_rate <= cpu_rate else "cpu", "inputs": inputs, "plan": out}
 
 
+@dataclass(frozen=True)
+class TrainingPlanRequest:
+    """A TCDM training run. The paper's: 200 ImageCAS cases, 200 epochs, batch 4 (here 2 pairs, both
+    directions of each: 4 samples), 512x512x128 crops, one A100."""
+
+    preset: str = "paper"
+    model: str = "paper"                 # configs/model/<name>.yaml (parameters counted from it)
+    hardware: str = "a100-80gb"
+    gpus: int = 1
+    cases: int = 200
+    epochs: int = 200                    # an epoch: every case once as the target I_A
+    batch_pairs: int = 2                 # pairs per GPU and step (x2 directions: the samples of one step)
+    latent_cache: bool = False           # latents from the cache job instead of encoding every crop
+    ema: bool = True
+    amp: bool = True                     # fp16 autocast (train.amp, on by default on CUDA): activations at 2 B
+
+    def __post_init__(self) -> None:
+        if min(self.gpus, self.cases, self.epochs, self.batch_pairs) < 1:
+            raise ValueError(f"training plan needs gpus, cases, epochs, batch_pairs >= 1; got {self}")
+
+
+def _parameters(model: str, schema: str = "cardiac") -> tuple[int, int, str]:
+    """(trainable UNet + ControlNet, frozen VAE) parameter counts of ``configs/model/<model>.yaml``, built on
+    the meta device (no memory, no weights)."""
+    import torch
+
+    from fcas.diffusion.conditioning import ConditionConfig
+    from fcas.models.networks import ModelConfig, build_tcdm, build_vae
+
+    cfg = ModelConfig.from_dict(dict(read_config("model", model, "model config")))
+    with torch.device("meta"):
+        tcdm = build_tcdm(cfg, ConditionConfig(schema=schema).channels, init_controlnet_from_unet=False)
+        vae = build_vae(cfg.vae)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return n(tcdm.unet) + n(tcdm.controlnet), n(vae), f"configs/model/{model}.yaml, counted on the meta device"
+
+
+def make_training_plan(req: TrainingPlanRequest, hw: HardwareProfile | None = None) -> dict:
+    """Steps, wall time, GPU-hours and per-GPU memory of TCDM training, each figure sourced; the time
+    scales the profile's measured or published *sampling* cost of the same denoiser, so every training
+    figure rests on the stated factors (``train_*`` figures of the profile) until a GPU measures one."""
+    hw = hw or load_hardware(req.hardware)
+    if hw.accelerator != "gpu":
+        raise ValueError(f"hardware profile {hw.name!r} has no GPU; the training plan is for GPU profiles")
+    f = hw.figures
+    missing = sorted(set(_TRAIN_FIGURES) - set(f))
+    if missing:
+        raise ValueError(f"hardware profile {hw.name!r}: the training plan needs figures {missing}")
+    p = load_preset(req.preset)
+    crop = tuple(p.train_crop or p.shape)
+    down = [a // b for a, b in zip(p.shape, p.latent_shape)]
+    crop_mvox = math.prod(crop) / 1e6
+    crop_lat = math.prod(c // d for c, d in zip(crop, down)) / 1e6
+    trainable, frozen, where = _parameters(req.model)
+    inputs = {k: v for k, v in f.items() if k in ("dm_s_per_step_per_latent_mvox", "decode_s_per_mvox", *_TRAIN_FIGURES)}
+    inputs["crop_mvox"] = Figure(crop_mvox, "Mvox", f"configs/preset/{p.name}.yaml train_crop {crop}")
+    inputs["crop_latent_mvox"] = Figure(crop_lat, "Mvox", f"train_crop / the preset's {tuple(down)}x downsampling")
+    inputs["trainable_parameters"] = Figure(trainable, "params", f"UNet + ControlNet of {where}")
+    inputs["vae_parameters"] = Figure(frozen, "params", f"frozen VAE of {where}")
+    out: dict[str, Figure] = {}
+    per_gpu = 2 * req.batch_pairs
+    steps = math.ceil(req.epochs * req.cases / (per_gpu * req.gpus))
+    out["steps"] = _d(steps, "steps", f"ceil(epochs * cases / ({per_gpu} samples per GPU and step * {req.gpus} GPUs))")
+    fwd = crop_lat * f["dm_s_per_step_per_latent_mvox"].value
+    denoise = per_gpu * fwd * f["train_backward_factor"].value
+    encode = 0.0 if req.latent_cache else per_gpu * crop_mvox * f["decode_s_per_mvox"].value * f["encode_vs_decode"].value
+    step_s = denoise + encode
+    out["step_s"] = _d(step_s, "s", f"{per_gpu} samples * (crop latent Mvox * dm * train_backward_factor ({denoise:.3g} s) + "
+                       + ("no encode: latent cache)" if req.latent_cache else
+                          f"crop Mvox * decode * encode_vs_decode ({encode:.3g} s))"))
+    wall = steps * step_s + f["startup_s"].value
+    out["wall_h"] = _d(wall / 3600, "h", "(steps * step_s + startup) / 3600; data-parallel overhead not counted")
+    out["gpu_hours"] = _d(req.gpus * wall / 3600, "GPU*h", f"{req.gpus} GPUs * wall_h")
+    gib = 1024 ** 3
+    state = trainable * (4 + 4 + 8 + (4 if req.ema else 0)) + frozen * 4
+    out["weights_and_optimizer_gib"] = _d(state / gib, "GiB", "trainable * (4 weight + 4 grad + 8 AdamW"
+                                          + (" + 4 EMA" if req.ema else "") + " B) + VAE * 4 B, fp32")
+    act = per_gpu * crop_lat * f["infer_peak_gib_per_latent_mvox"].value * f["train_activation_factor"].value
+    act *= 0.5 if req.amp else 1.0
+    out["activations_gib"] = _d(act, "GiB", f"{per_gpu} samples * crop latent Mvox * inference peak per latent Mvox (fp32) "
+                                "* train_activation_factor" + (" * 0.5 (fp16 autocast)" if req.amp else ""))
+    peak = state / gib + act
+    out["peak_memory_gib_per_gpu"] = _d(peak, "GiB", "weights_and_optimizer + activations")
+    out["memory_fraction_of_gpu"] = _d(peak / f["gpu_memory_gib"].value, "ratio",
+                                       "peak_memory_gib_per_gpu / gpu_memory_gib (> 1: lower batch_pairs or the crop)")
+    return {"title": f"FCaS TCDM training plan: preset={p.name} model={req.model} hardware={hw.name} gpus={req.gpus} "
+                     f"cases={req.cases} epochs={req.epochs} batch_pairs={req.batch_pairs} "
+                     f"latent_cache={str(req.latent_cache).lower()}",
+            "request": dict(req.__dict__), "hardware": {"name": hw.name, "description": hw.description,
+                                                        "accelerator": hw.accelerator},
+            "bottleneck": "gpu", "inputs": inputs, "plan": out}
+
+
 def plan_to_json(plan: dict) -> dict:
     return {**plan, "inputs": {k: v.to_json() for k, v in plan["inputs"].items()},
             "plan": {k: v.to_json() for k, v in plan["plan"].items()}}
@@ -246,8 +350,10 @@ def _fmt(v: float) -> str:
 def format_plan(plan: dict) -> str:
     """Human-readable plan: one line per figure with its unit and source."""
     r = plan["request"]
-    lines = [f"FCaS synthesis plan: n={r['n']:,} preset={r['preset']} hardware={plan['hardware']['name']} "
-             f"sampler_nodes={r['sampler_nodes']} steps={r['steps']} ssv={r['ssv_mode']}", "", "inputs:"]
+    title = plan.get("title") or (f"FCaS synthesis plan: n={r['n']:,} preset={r['preset']} hardware="
+                                  f"{plan['hardware']['name']} sampler_nodes={r['sampler_nodes']} steps={r['steps']} "
+                                  f"ssv={r['ssv_mode']}")
+    lines = [title, "", "inputs:"]
     for k, v in plan["inputs"].items():
         lines.append(f"  {k:34s} {_fmt(v.value):>14s} {v.unit:10s} [{v.source}]")
     lines += ["", f"plan (bottleneck: {plan['bottleneck']}):"]

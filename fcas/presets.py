@@ -17,6 +17,7 @@ class Preset:
     spacing: tuple[float, float, float]
     latent_shape: tuple[int, int, int]
     decode_window: tuple[int, int, int] | None = None   # latent window of the VAE decode; None = whole
+    train_crop: tuple[int, int, int] | None = None      # TCDM training crop (image voxels); None = whole
 
     @property
     def n_voxels(self) -> int:
@@ -32,4 +33,5 @@ def load_preset(name: str) -> Preset:
         spacing=tuple(float(v) for v in d["spacing"]),
         latent_shape=tuple(int(v) for v in d["latent_shape"]),
         decode_window=None if d.get("decode_window") is None else tuple(int(v) for v in d["decode_window"]),
+        train_crop=None if d.get("train_crop") is None else tuple(int(v) for v in d["train_crop"]),
     )

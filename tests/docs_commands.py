@@ -51,10 +51,12 @@ class Rule:
         return re.match(self.pattern, command.text) is not None
 
 
-COMPOSED_JOBS = "prepare|synthesize|train_vae|train_tcdm|pretrain_cal|evaluate|export_nnunet"
+COMPOSED_JOBS = "prepare|synthesize|train_vae|cache_latents|train_tcdm|pretrain_cal|evaluate|export_nnunet"
 RULES = (
-    Rule("run", r"(\.venv/bin/python jobs/plan\.py|fcas plan) ", "the planner is cheap: run as written",
+    Rule("run", r"(\.venv/bin/python jobs/plan\.py|fcas plan) (?!what=training)", "the planner is cheap: run as written",
          expect=r"FCaS synthesis plan: n=\d+(.|\n)* output_tb .* TB"),
+    Rule("run", r"\.venv/bin/python jobs/plan\.py what=training ", "the training planner is cheap: run as written",
+         expect=r"FCaS TCDM training plan: preset=paper(.|\n)* peak_memory_gib_per_gpu "),
     Rule("elsewhere", r"fcas synthesize preset=tiny n=2 ", "the same command, from the installed wheel in another folder",
          where=("tests/test_packaging.py", '"synthesize", "preset=tiny", "n=2"')),
     Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py ",

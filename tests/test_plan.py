@@ -93,3 +93,43 @@ def test_cli_prints_text_and_json(tmp_path):
     bad = subprocess.run([sys.executable, "jobs/plan.py", "gpu=z80"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "plan: unknown hardware profile 'z80'" in bad.stderr
+
+
+def test_training_plan_of_the_paper_run():
+    from fcas.planning import TrainingPlanRequest, make_training_plan
+
+    hw = load_hardware("a100-80gb")
+    plain = make_training_plan(TrainingPlanRequest(), hw)
+    cached = make_training_plan(TrainingPlanRequest(latent_cache=True), hw)
+    for plan in (plain, cached):
+        for fig in (*plan["inputs"].values(), *plan["plan"].values()):
+            assert fig.source.strip() and math.isfinite(fig.value), fig
+    p, c, i = plain["plan"], cached["plan"], plain["inputs"]
+    assert p["steps"].value == 10_000                       # 200 epochs * 200 cases / 4 samples per step
+    assert i["crop_mvox"].value == pytest.approx(512 * 512 * 128 / 1e6)
+    assert i["crop_latent_mvox"].value == pytest.approx(128 * 128 * 32 / 1e6)
+    # the parameters are those of the paper networks the H200 benchmark built (unet 166.60M + controlnet 69.56M)
+    assert i["trainable_parameters"].value == pytest.approx(236.16e6, abs=0.02e6)
+    denoise = 4 * i["crop_latent_mvox"].value * 0.2713 * 3.0
+    assert c["step_s"].value == pytest.approx(denoise)
+    assert p["step_s"].value == pytest.approx(denoise + 4 * i["crop_mvox"].value * 0.2384 * 1.0)
+    assert p["gpu_hours"].value > 10 * c["gpu_hours"].value   # encoding every crop dominates without the cache
+    assert c["peak_memory_gib_per_gpu"].value == pytest.approx(c["weights_and_optimizer_gib"].value
+                                                              + c["activations_gib"].value)
+    eight = make_training_plan(TrainingPlanRequest(gpus=8, latent_cache=True), hw)["plan"]
+    assert eight["steps"].value == 1250 and eight["memory_fraction_of_gpu"].value == c["memory_fraction_of_gpu"].value
+    with pytest.raises(ValueError, match="has no GPU"):
+        make_training_plan(TrainingPlanRequest(), load_hardware("cpu-2core"))
+    with pytest.raises(ValueError, match="batch_pairs >= 1"):
+        TrainingPlanRequest(batch_pairs=0)
+
+
+def test_cli_training_plan_and_a_bad_what():
+    proc = subprocess.run([sys.executable, "jobs/plan.py", "what=training", "gpu=h200-141gb", "training.gpus=8",
+                           "training.latent_cache=true"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FCaS TCDM training plan: preset=paper model=paper hardware=h200-141gb gpus=8" in proc.stdout
+    assert "peak_memory_gib_per_gpu" in proc.stdout and "assumption" in proc.stdout
+    bad = subprocess.run([sys.executable, "jobs/plan.py", "what=train"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "plan: what='train': use synthesis or training" in bad.stderr

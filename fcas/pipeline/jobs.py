@@ -102,10 +102,21 @@ def synthesis_job_from_cfg(cfg: DictConfig):
 
 
 def plan_request_from_cfg(cfg: DictConfig):
-    """configs/plan.yaml -> :class:`fcas.planning.PlanRequest`."""
+    """configs/plan.yaml -> :class:`fcas.planning.PlanRequest` (``what=synthesis``) or
+    :class:`fcas.planning.TrainingPlanRequest` (``what=training``)."""
     from omegaconf import OmegaConf
 
-    from fcas.planning import PlanRequest
+    from fcas.planning import PlanRequest, TrainingPlanRequest
+
+    what = str(cfg.get("what", "synthesis"))
+    if what not in ("synthesis", "training"):
+        raise ValueError(f"what={what!r}: use synthesis or training")
+    if what == "training":
+        t = cfg.training
+        return TrainingPlanRequest(preset=str(cfg.preset.name), model=str(t.model), hardware=str(cfg.gpu),
+                                   gpus=int(t.gpus), cases=int(t.cases), epochs=int(t.epochs),
+                                   batch_pairs=int(t.batch_pairs), latent_cache=bool(t.latent_cache),
+                                   ema=bool(t.ema), amp=bool(t.amp))
 
     return PlanRequest(n=int(cfg.n), preset=str(cfg.preset.name), hardware=str(cfg.gpu),
                        sampler_nodes=int(cfg.sampler_nodes), cpu_worker_cores=int(cfg.cpu_worker_cores),

@@ -1,4 +1,5 @@
-"""``fcas plan``: size a synthesis run (actors, workers, wall time, GPU-hours, bytes, cost), each figure sourced."""
+"""``fcas plan``: size a synthesis run (actors, workers, wall time, GPU-hours, bytes, cost) or, with
+``what=training``, a TCDM training run (steps, GPU-hours, memory per GPU); each figure sourced."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,12 @@ from fcas.bundled import config_dir
 from fcas.pipeline.cli import user_errors
 from fcas.pipeline.commands import run_job
 from fcas.pipeline.jobs import plan_request_from_cfg
-from fcas.planning import format_plan, make_plan, plan_to_json
+from fcas.planning import TrainingPlanRequest, format_plan, make_plan, make_training_plan, plan_to_json
 
 
 def run(cfg: DictConfig) -> dict:
-    plan = make_plan(plan_request_from_cfg(cfg))
+    req = plan_request_from_cfg(cfg)
+    plan = make_training_plan(req) if isinstance(req, TrainingPlanRequest) else make_plan(req)
     as_json = plan_to_json(plan)
     if cfg.json:
         Path(str(cfg.json)).write_text(json.dumps(as_json, indent=2) + "\n")
