@@ -190,6 +190,14 @@ def test_fine_tuning_stops_early_on_validation_and_keeps_the_best(tmp_path):
         _settings(None, tmp_path, 0, 4, val_every=2)
 
 
+def test_resume_refuses_another_net(tmp_path):
+    train_cal_loop(_settings(None, tmp_path, 0, 2), progress=False)
+    other = CALSettings.from_dict({**_settings(None, tmp_path, 0, 4).to_dict(),
+                                   "net": {"filters": [8, 16, 64], "kernel_size": [3, 3, 3], "strides": [1, 2, 2]}})
+    with pytest.raises(ValueError, match="step_000000002 was trained with a different net/schema; use another out="):
+        train_cal_loop(other, progress=False)
+
+
 # ---- the Ray Train job ---------------------------------------------------------------------------
 
 

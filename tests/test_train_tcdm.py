@@ -257,3 +257,42 @@ def test_export_gives_a_loadable_fp16_bundle_that_samples(tmp_path, tiny_cases):
     img = decode_latent(bundle.vae, res.latent, bundle.scale_factor)
     assert img.shape == (1, 1, 32, 32, 32) and 0 <= float(img.min()) and float(img.max()) <= 1
     assert len(res.intermediates) == 3
+
+
+def test_vae_resume_is_bit_exact_and_refuses_another_architecture(tmp_path, tiny_cases):
+    def settings(out, steps, **vae):
+        return VAESettings.from_dict({**TINY, "data": "phantom:3", "out": str(out),
+                                      **({"vae": {**TINY.get("vae", {}), **vae}} if vae else {}),
+                                      "train": {"steps": steps, "checkpoint_every": 2, "crop": [16, 16, 16]}})
+
+    train_vae_loop(settings(tmp_path / "whole", 4), cases=tiny_cases, progress=False)
+    train_vae_loop(settings(tmp_path / "split", 2), cases=tiny_cases, progress=False)
+    r = train_vae_loop(settings(tmp_path / "split", 4), cases=tiny_cases, progress=False)
+    assert (r["start_step"], r["steps_run"]) == (2, 2)
+    a = load_checkpoint(latest_checkpoint(str(tmp_path / "whole")))
+    b = load_checkpoint(latest_checkpoint(str(tmp_path / "split")))
+    for k, v in a.state_dict("vae").items():
+        assert torch.equal(v, b.state_dict("vae")[k]), k
+    assert a.state_dict("history")["loss"].tolist() == b.state_dict("history")["loss"].tolist()
+    with pytest.raises(ValueError, match="different VAE architecture; use another out="):
+        train_vae_loop(settings(tmp_path / "split", 6, latent_channels=8), cases=tiny_cases, progress=False)
+
+
+def test_training_run_refuses_a_non_finite_loss_and_keeps_its_checkpoints(tmp_path):
+    from fcas.training import TrainingRun
+
+    run = TrainingRun("t", str(tmp_path), 3, arch={"w": 1}, every=1, progress=False)
+    saved = []
+    for step in run.steps():
+        loss = torch.tensor(float("nan") if step == 3 else 1.0 / step)
+        if step == 3:
+            with pytest.raises(FloatingPointError, match="t: loss is nan at step 3"):
+                run.finite(loss, step)
+            break
+        run.end_step(step, {"loss": run.finite(loss, step)}, checkpoint=lambda: ({"arch": {"w": 1}}, {"x": {}}))
+        saved.append(step)
+    assert saved == [1, 2] and load_checkpoint(latest_checkpoint(str(tmp_path))).step == 2
+    again = TrainingRun("t", str(tmp_path), 3, arch={"w": 1}, progress=False)
+    assert again.resume().step == 2 and again.history["loss"] == [1.0, 0.5]
+    with pytest.raises(ValueError, match="different architecture"):
+        TrainingRun("t", str(tmp_path), 3, arch={"w": 2}, progress=False).resume()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -37,8 +36,8 @@ from fcas.cal.loss import cal_loss
 from fcas.diffusion.training import build_settings
 from fcas.cal.net import SegNetConfig, build_segnet
 from fcas.io import storage
-from fcas.models.checkpoint import (checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
-                                    load_checkpoint, load_into, no_report, save_checkpoint)
+from fcas.training.loop import TrainingRun
+from fcas.models.checkpoint import config_hash, latest_checkpoint, load_into, no_report
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +240,18 @@ def train_cal_loop(
     torch.manual_seed(tc.seed)
     net = build_segnet(settings.net).to(device)
 
-    start_step, opt_state, stage_at_ckpt = 0, None, None
-    latest = latest_checkpoint(settings.out)
-    if latest is not None:
-        ck = load_checkpoint(latest)
-        if config_hash({k: ck.config.get(k) for k in ARCH_KEYS}) != config_hash(settings.arch()):
-            raise ValueError(f"checkpoint {latest} holds another net/schema than this run's; "
-                             f"use another out= or the same settings")
-        load_into(net, ck.state_dict("net"), storage.join(latest, "net.pt"))
-        opt_state, stage_at_ckpt, start_step = ck.state_dict("optimizer"), ck.config.get("stage"), ck.step
+    run = TrainingRun("pretrain_cal", settings.out, total, arch=settings.arch(),
+                      arch_of=lambda c: {k: c.get(k) for k in ARCH_KEYS}, what="net/schema", rank=rank,
+                      world_size=world_size, report=report, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
+                      progress=progress)
+    opt_state = stage_at_ckpt = None
+    ck = run.resume()
+    if ck is not None:
+        load_into(net, ck.state_dict("net"), storage.join(ck.uri, "net.pt"))
+        opt_state, stage_at_ckpt = ck.state_dict("optimizer"), ck.config.get("stage")
         if rank == 0:
-            log.info("pretrain_cal: resuming from %s at step %d (%s)", latest, start_step, stage_at_ckpt)
+            log.info("pretrain_cal: resuming from %s at step %d (%s)", ck.uri, ck.step, stage_at_ckpt)
+    start_step = run.start
 
     history = [r for r in read_metrics(settings.out) if int(r["step"]) <= start_step] if rank == 0 else []
     use_amp = tc.amp and device.type == "cuda"
@@ -267,18 +267,14 @@ def train_cal_loop(
             opt.load_state_dict(opt_sd)
         state.update(stage=stage, module=module, opt=opt)
 
-    def save(step: int, uri: str | None = None, prune: bool = True) -> str:
+    def checkpoint() -> tuple[dict, dict]:
+        """(config, state dicts) of the current step; the per-step metrics file is written first."""
         if history:
             blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode()
             storage.atomic_write_bytes(storage.join(settings.out, METRICS_FILE), blob)
-        uri = uri or checkpoint_dir(settings.out, step)
-        config = {**settings.to_dict(), "stage": state["stage"], "window": list(settings.window), "config_hash": config_hash(settings.to_dict())}
-        save_checkpoint(uri, config=config, step=step,
-                        state_dicts={"net": _unwrap(state["module"]).state_dict(), "optimizer": state["opt"].state_dict()})
-        if prune and tc.keep_checkpoints > 0:
-            for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
-                storage.remove(old, recursive=True, missing_ok=True)
-        return uri
+        config = {**settings.to_dict(), "stage": state["stage"], "window": list(settings.window),
+                  "config_hash": config_hash(settings.to_dict())}
+        return config, {"net": _unwrap(state["module"]).state_dict(), "optimizer": state["opt"].state_dict()}
 
     def next_batch(step: int, stage: str) -> Mapping[str, Any]:
         if stage == "pretrain":
@@ -320,7 +316,7 @@ def train_cal_loop(
             val_rows.append({"step": step, **scores, "best": improved})
             blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in val_rows).encode()
             if improved:
-                save(step, storage.join(settings.out, BEST), prune=False)
+                run.save(step, *checkpoint(), uri=storage.join(settings.out, BEST), prune=False)
             storage.atomic_write_bytes(storage.join(settings.out, VAL_FILE), blob)
             stop = bool(tc.patience) and patience_used() >= tc.patience
             log.info("pretrain_cal step %d: validation mean Dice %.4f (best %.4f)%s", step, scores["val_dice"],
@@ -331,17 +327,11 @@ def train_cal_loop(
             stop = bool(flag.item())
         return stop
 
-    bar = None
-    if progress and rank == 0 and start_step < total:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start_step, desc="pretrain_cal", unit="step", dynamic_ncols=True)
-    t_start, steps_done, last_loss = time.perf_counter(), 0, float("nan")
     stopped_at = None
     end = total
     if tc.val_every and tc.patience and val_rows and patience_used() >= tc.patience:
         stopped_at = end = start_step  # this run already converged: nothing left to train
-    for step in range(start_step + 1, end + 1):
+    for step in run.steps(end):
         stage = settings.stage_of(step)
         if stage != state["stage"]:
             resume_opt = opt_state if (state["stage"] is None and stage_at_ckpt == stage) else None
@@ -369,10 +359,7 @@ def train_cal_loop(
         scaler.step(opt)
         scaler.update()
         dt = time.perf_counter() - t0
-        last_loss = float(loss.detach())
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"loss is {last_loss} at step {step} ({stage})")
-        steps_done += 1
+        last_loss = run.finite(loss, step, stage)
         row = {"step": step, "stage": stage, "loss": last_loss, **parts, "step_time_s": dt,
                "cm_mean": float(batch["cm"].mean()) if cm is not None else 1.0}
         if rank == 0:
@@ -381,24 +368,16 @@ def train_cal_loop(
         stop = False
         if stage == "finetune" and tc.val_every and (ft_step % tc.val_every == 0 or step == total):
             stop = validate(step)
-        is_ck = step % tc.checkpoint_every == 0 or step == total or step == tc.pretrain_steps or stop
-        ck_uri = save(step) if rank == 0 and is_ck else None
-        report({**row, "samples_per_s": tc.batch_size * world_size / dt}, checkpoint_uri=ck_uri,
-               checkpoint_step=is_ck)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(stage=stage, loss=f"{last_loss:.4f}")
+        run.end_step(step, {**row, "samples_per_s": tc.batch_size * world_size / dt}, checkpoint=checkpoint,
+                     force_checkpoint=step == tc.pretrain_steps or stop,
+                     postfix={"stage": stage, "loss": f"{last_loss:.4f}"})
         if stop:
             stopped_at = step
             break
-    if bar is not None:
-        bar.close()
+    summary = run.close()
     return {
-        "start_step": start_step,
-        "final_step": stopped_at if stopped_at is not None else max(start_step, total),
-        "steps_run": steps_done,
-        "last_loss": last_loss,
-        "seconds": time.perf_counter() - t_start,
+        **summary,
+        "final_step": stopped_at if stopped_at is not None else summary["final_step"],
         "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
         "best_checkpoint": (storage.join(settings.out, BEST) if rank == 0 and tc.val_every
                             and storage.exists(storage.join(settings.out, BEST, "checkpoint.json")) else None),

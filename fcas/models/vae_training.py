@@ -16,29 +16,21 @@ steps; a restart resumes from the latest. Hand-written loop and schedule; networ
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from fcas.diffusion.data import CaseArrays, CaseBuffer, crop_slices, load_cases
 from fcas.diffusion.pairs import refill_rng, step_rng
 from fcas.io import storage
 from fcas.models.optim import SCHEDULES, lr_at
-from fcas.models.checkpoint import (
-    checkpoint_dir,
-    config_hash,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_into,
-    no_report,
-    save_checkpoint,
-)
+from fcas.models.checkpoint import config_hash, load_into, no_report
 from fcas.models.networks import VAEConfig, build_vae
 from fcas.models.vae import compute_scale_factor, vae_loss, vae_decode, vae_encode
+from fcas.training.loop import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +166,20 @@ def train_vae_loop(
     torch.manual_seed(tc.seed)
     vae = build_vae(settings.vae).to(device)
     disc = _discriminator().to(device) if tc.adv_weight > 0 else None
-    opt_sd, disc_sd, disc_opt_sd, start = None, None, None, 0
-    history: dict[str, list[float]] = {"step": [], "loss": []}
-    latest = latest_checkpoint(settings.out)
-    if latest is not None:
-        ck = load_checkpoint(latest)
-        mine = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings.vae).items()}
-        if ck.config.get("model", {}).get("vae") != mine:
-            raise ValueError(f"checkpoint {latest} holds a different VAE architecture; use another out=")
-        load_into(vae, ck.state_dict("vae"), storage.join(latest, "vae.pt"))
-        opt_sd, start = ck.state_dict("optimizer"), ck.step
+    vae_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings.vae).items()}
+    run = TrainingRun("train_vae", settings.out, tc.steps, arch=vae_dict,
+                      arch_of=lambda c: (c.get("model") or {}).get("vae"), what="VAE architecture", rank=rank,
+                      world_size=world_size, report=report, keep=tc.keep_checkpoints, every=tc.checkpoint_every,
+                      progress=progress)
+    opt_sd = disc_opt_sd = None
+    ck = run.resume()
+    if ck is not None:
+        load_into(vae, ck.state_dict("vae"), storage.join(ck.uri, "vae.pt"))
+        opt_sd = ck.state_dict("optimizer")
         if disc is not None and "discriminator" in ck.files:
-            load_into(disc, ck.state_dict("discriminator"), storage.join(latest, "discriminator.pt"))
+            load_into(disc, ck.state_dict("discriminator"), storage.join(ck.uri, "discriminator.pt"))
             disc_opt_sd = ck.state_dict("disc_optimizer")
-        if "history" in ck.files:
-            history = {k: [float(x) for x in v.tolist()] for k, v in ck.state_dict("history").items()}
+    history = run.history
     module = wrap_model(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     if opt_sd is not None:
@@ -203,7 +194,8 @@ def train_vae_loop(
             disc_opt.load_state_dict(disc_opt_sd)
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
 
-    def save(step: int) -> str:
+    def checkpoint(step: int):
+        """(config, state dicts) of ``step``; the held-out scores join the history first."""
         vae.eval()
         k = min(tc.scale_factor_cases, len(cases))
         sf = compute_scale_factor(vae, cases.images[:k].to(device))
@@ -215,30 +207,20 @@ def train_vae_loop(
             log.info("train_vae step %d: held-out SSIM %.4f PSNR %.2f dB", step, scores["val_ssim"],
                      scores["val_psnr"])
         vae.train()
-        vae_dict = {k2: list(v) if isinstance(v, tuple) else v for k2, v in asdict(settings.vae).items()}
         config = {**settings.to_dict(), "model": {"name": settings.model_name, "vae": vae_dict},
                   "scale_factor": sf, "config_hash": config_hash(settings.to_dict())}
-        uri = checkpoint_dir(settings.out, step)
-        states = {"vae": vae.state_dict(), "optimizer": opt.state_dict(),
-                  "history": {k2: torch.tensor(v, dtype=torch.float64) for k2, v in history.items()}}
+        states = {"vae": vae.state_dict(), "optimizer": opt.state_dict()}
         if disc is not None:
             states.update(discriminator=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-        save_checkpoint(uri, config=config, step=step, state_dicts=states)
-        if tc.keep_checkpoints > 0:
-            for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
-                storage.remove(old, recursive=True, missing_ok=True)
-        return uri
+        return config, states
 
-    bar = None
-    if progress and rank == 0 and start < tc.steps:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start, desc="train_vae", unit="step", dynamic_ncols=True)
     vae.train()
-    t_start, done, last = time.perf_counter(), 0, float("nan")
-    for step in range(start + 1, tc.steps + 1):
+    for step in run.steps():
         t0 = time.perf_counter()
         rng = step_rng(tc.seed, step, rank)
+        # the posterior sample (reparameterisation) and the discriminator draw from torch's global generator:
+        # seeded by (seed, step, rank), so a resumed run continues bit-exactly
+        torch.manual_seed(int(np.random.default_rng([tc.seed, step, rank, 3]).integers(2 ** 62)))
         if buffer is not None:
             buffer.refill(refill_rng(tc.seed, step, rank))
         idx = rng.integers(0, len(cases), size=tc.batch_size)
@@ -270,22 +252,9 @@ def train_vae_loop(
             d_loss.backward()
             disc_opt.step()
             parts["adv_d"] = float(d_loss.detach())
-        last = float(loss.detach())
-        if not math.isfinite(last):
-            raise FloatingPointError(f"VAE loss is {last} at step {step}")
-        history["step"].append(float(step))
-        history["loss"].append(last)
-        done += 1
+        last = run.finite(loss, step)
         dt = time.perf_counter() - t0
-        is_ck = step % tc.checkpoint_every == 0 or step == tc.steps
-        ck_uri = save(step) if rank == 0 and is_ck else None
-        report({"step": step, "loss": last, "lr": lr, "step_time_s": dt,
-                "samples_per_s": tc.batch_size * world_size / dt, **parts}, checkpoint_uri=ck_uri,
-               checkpoint_step=is_ck)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last:.4f}")
-    if bar is not None:
-        bar.close()
-    return {"start_step": start, "final_step": max(start, tc.steps), "steps_run": done, "last_loss": last,
-            "seconds": time.perf_counter() - t_start}
+        run.end_step(step, {"loss": last, "lr": lr, "step_time_s": dt,
+                            "samples_per_s": tc.batch_size * world_size / dt, **parts},
+                     checkpoint=lambda step=step: checkpoint(step))
+    return run.close()
