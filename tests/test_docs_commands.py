@@ -26,6 +26,7 @@ BUILDERS = {
     "synthesize": ("fcas.pipeline.jobs", "synthesis_job_from_cfg", ("ray", "progress")),
     "plan": ("fcas.pipeline.jobs", "plan_request_from_cfg", ("json", "format")),
     "train_vae": ("fcas.pipeline.train_vae", "vae_settings_from_cfg", ("trainer",)),
+    "cache_latents": ("fcas.pipeline.cache_latents", "cache_job_from_cfg", ("progress",)),
     "train_tcdm": ("fcas.pipeline.train_tcdm", "tcdm_settings_from_cfg", ("trainer",)),
     "pretrain_cal": ("fcas.pipeline.pretrain_cal", "cal_settings_from_cfg", ("trainer", "data")),
     "evaluate": ("fcas.evaluation", "settings_from_dict", ()),

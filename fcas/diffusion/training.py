@@ -12,6 +12,12 @@ uninterrupted one. Streamed (``case_stream=``, the Ray Train job): the pairs com
 refilled from the stream after a restart, so a resumed streamed run is not bit-identical to an
 uninterrupted one (which cases sit in the buffer depends on Ray Data's delivery order).
 
+``train.latent_cache=<uri>`` (a ``jobs/cache_latents.py`` output, :mod:`fcas.diffusion.latent_cache`): the
+targets' latents come from the cache instead of the VAE -- the pair's crop window divided by 4 in latent
+space, the same window of M_A, M_B, I_B (and I_A for A@B) on the image grid for the conditions; the pairs,
+windows and noise are drawn exactly as without it. A cache made with another VAE, lacking training cases
+or at another grid is refused before anything is trained.
+
 ``unet_mode``: ``joint`` trains UNet and ControlNet together; ``pretrain_freeze`` (MAISI's recipe)
 first trains the UNet alone (unconditional) for ``pretrain_steps``, then freezes it and trains the
 ControlNet. The hooks ``wrap_model`` (e.g. Ray's ``prepare_model`` / DDP) and ``report`` are
@@ -30,11 +36,13 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from fcas.diffusion.conditioning import ConditionConfig, build_c_raw
-from fcas.diffusion.data import CaseArrays, CaseBuffer, load_cases, pair_batch
+from fcas.diffusion.data import CaseArrays, CaseBuffer, case_rows, load_cases, pair_batch
+from fcas.diffusion.latent_cache import check_latent_cache, load_cached_cases
 from fcas.diffusion.losses import bidirectional_loss
 from fcas.diffusion.pairs import refill_rng, sample_pairs, step_rng
 from fcas.diffusion.schedulers import SchedulerConfig, build_train_scheduler
 from fcas.models.bundle import load_vae
+from fcas.models.bundle import vae_digest as digest_of_vae
 from fcas.models.checkpoint import (
     checkpoint_dir,
     config_hash,
@@ -48,7 +56,7 @@ from fcas.models.checkpoint import (
 from fcas.io import storage
 from fcas.models.networks import ModelConfig, build_tcdm, jsonable, maisi_inputs
 from fcas.models.optim import SCHEDULES, lr_at, make_ema
-from fcas.models.vae import compute_scale_factor, vae_encode
+from fcas.models.vae import compute_scale_factor, latent_scale_factor, vae_encode
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,7 @@ class TrainConfig:
     lr_min: float = 0.0
     ema_decay: float = 0.0      # > 0: keep an EMA of the weights (saved beside them; export ships it)
     buffer_cases: int = 8       # streamed training: cases a worker holds (pairs are drawn among them)
+    latent_cache: str | None = None   # a jobs/cache_latents.py output: latents read, not encoded (same VAE)
 
     def __post_init__(self) -> None:
         if self.crop is not None:
@@ -145,6 +154,8 @@ class TCDMSettings:
         d["model"] = self.model.to_dict()
         if d["init"] is None:   # configs as before init existed
             del d["init"]
+        if d["train"]["latent_cache"] is None:   # ... and before the latent cache
+            del d["train"]["latent_cache"]
         return jsonable(d)
 
     def arch(self) -> dict:
@@ -198,7 +209,8 @@ def train_tcdm_loop(
     """Run (or resume) training up to ``settings.train.steps``; returns a summary dict.
 
     Cases: ``cases`` (in memory), else ``case_stream()`` (an endless iterator of single cases feeding a
-    :class:`CaseBuffer` of ``train.buffer_cases``), else ``settings.data`` loaded whole.
+    :class:`CaseBuffer` of ``train.buffer_cases``), else ``settings.data`` loaded whole (from
+    ``train.latent_cache`` when set). With a latent cache, ``cases`` / the stream carry ``latents``.
 
     ``report(metrics, checkpoint_uri=None, checkpoint_step=False)`` is called every step on every rank (Ray Train needs
     all ranks to report). Checkpoints go to ``settings.out/step_XXXXXXXXX``.
@@ -208,11 +220,20 @@ def train_tcdm_loop(
     cond = settings.condition
     schema = cond.label_schema
     buffer = None
+    cached = None
+    if tc.latent_cache:   # refused before any work when stale (the Ray job checked it on the driver too)
+        ids = None if cases is not None or case_stream is not None else \
+            [r["case_id"] for r in case_rows(settings.data, "train")]
+        cached = check_latent_cache(tc.latent_cache, digest_of_vae(settings.vae, tc.seed), ids,
+                                    settings.shape if tc.crop is None else None, settings.spacing)
     if cases is None and case_stream is not None:
         buffer = CaseBuffer(case_stream(), tc.buffer_cases)
         cases = buffer.cases
     elif cases is None:
-        cases = load_cases(settings.data, settings.shape, settings.spacing, split="train")
+        cases = load_cached_cases(cached) if cached else load_cases(settings.data, settings.shape, settings.spacing,
+                                                                    split="train")
+    if tc.latent_cache and cases.latents is None:
+        raise ValueError(f"train.latent_cache={tc.latent_cache} is set, but the training cases carry no latents")
     if len(cases) < 2:
         raise ValueError(f"TCDM training needs >= 2 cases, {settings.data!r} gave {len(cases)}")
     if tuple(cases.shape) != tuple(settings.shape) and tc.crop is None:
@@ -265,13 +286,18 @@ def train_tcdm_loop(
             scale_factor = maisi_init.scale_factor   # MAISI's UNet was trained on latents of this scale
         if ema is not None:
             ema = make_ema(model, tc.ema_decay)
+    if cases.latents is not None and cases.latents.shape[1] != vae_cfg.latent_channels:
+        raise ValueError(f"latent cache {tc.latent_cache} holds {cases.latents.shape[1]} latent channels, the VAE "
+                         f"gives {vae_cfg.latent_channels}")
     if scale_factor is None:
         k = min(tc.scale_factor_cases, len(cases))
-        scale_factor = _mean_over_ranks(compute_scale_factor(vae, cases.images[:k].to(device)), device)
+        own = latent_scale_factor(cases.latents[:k]) if cases.latents is not None else \
+            compute_scale_factor(vae, cases.images[:k].to(device))
+        scale_factor = _mean_over_ranks(own, device)
 
-    # ---- latent cache (frozen VAE; only without crops) ----
+    # ---- in-process latents (frozen VAE; only without crops and without a latent cache) ----
     latents = None
-    if tc.crop is None:
+    if tc.crop is None and cases.latents is None:
         with torch.no_grad():
             latents = torch.cat([vae_encode(vae, cases.images[i:i + 1].to(device), scale_factor) for i in range(len(cases))])
 
@@ -343,7 +369,10 @@ def train_tcdm_loop(
         pairs = sample_pairs(len(cases), tc.batch_pairs, rng)
         batch = pair_batch(cases, pairs, tc.crop, rng)
         with torch.no_grad():
-            if latents is not None:
+            if cases.latents is not None:   # the cache: unscaled posterior means at the pair's window
+                z_a = batch["latent_a"].to(device) * scale_factor
+                z_b = batch["latent_b"].to(device) * scale_factor
+            elif latents is not None:
                 z_a, z_b = latents[pairs[:, 0]], latents[pairs[:, 1]]
             else:
                 z_a = vae_encode(vae, batch["image_a"].to(device), scale_factor)

@@ -15,7 +15,7 @@ from fcas.models.checkpoint import Checkpoint, latest_checkpoint, load_checkpoin
 from fcas.io import storage
 from fcas.models.networks import TCDM, ModelConfig, VAEConfig, build_tcdm, build_vae
 
-__all__ = ["load_vae", "TCDMBundle", "load_tcdm", "tcdm_weights"]
+__all__ = ["load_vae", "vae_digest", "TCDMBundle", "load_tcdm", "tcdm_weights"]
 
 
 def tcdm_weights(ck: Checkpoint, map_location: str | torch.device = "cpu") -> tuple[dict, dict, str]:
@@ -66,6 +66,20 @@ def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module
         digest, scale = ck.digest, ck.config.get("scale_factor")
     vae.eval().requires_grad_(False)
     return vae, cfg, (float(scale) if scale is not None else None), digest
+
+
+def vae_digest(spec: str | None, seed: int = 0) -> str:
+    """The digest :func:`load_vae` gives the VAE of ``spec``, without building it: the sha256 of the
+    checkpoint's ``checkpoint.json`` (of a training output root: its latest checkpoint's), ``maisi:<uri>``
+    as written, ``random:<seed>``. ``ValueError`` when ``spec`` names no complete checkpoint."""
+    if spec in (None, "", "random", "none"):
+        return f"random:{seed}"
+    if str(spec).startswith("maisi:"):
+        return str(spec)
+    uri = resolve(str(spec))
+    if not storage.exists(storage.join(uri, "checkpoint.json")):
+        uri = latest_checkpoint(uri) or uri
+    return load_checkpoint(uri).digest
 
 
 @dataclass

@@ -36,6 +36,7 @@ __all__ = [
     "reconstruction_loss",
     "kl_divergence",
     "compute_scale_factor",
+    "latent_scale_factor",
 ]
 
 # MAISI's released autoencoder (configs/config_maisi.json of the MAISI bundle)
@@ -165,7 +166,11 @@ def vae_loss(vae: nn.Module, image: torch.Tensor, kl_weight: float = 1e-6, ssim_
 @torch.no_grad()
 def compute_scale_factor(vae: nn.Module, images: torch.Tensor) -> float:
     """``1 / std(z)`` over the posterior means of ``images (B, 1, D, H, W)`` (MONAI LDM tutorial)."""
-    z = vae_encode(vae, images)
+    return latent_scale_factor(vae_encode(vae, images))
+
+
+def latent_scale_factor(z: torch.Tensor) -> float:
+    """``1 / std(z)`` of unscaled posterior means ``z (B, C, d, h, w)`` (e.g. read from a latent cache)."""
     std = float(z.std())
     if not std > 0:
         raise ValueError(f"latent std is {std}; cannot scale")

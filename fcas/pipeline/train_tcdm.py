@@ -14,6 +14,11 @@ map_batches(load_case_batch)`` (one case per block, block order reshuffled every
 one shard), the pattern of :mod:`fcas.pipeline.pretrain_cal`. Pairs and resume: :mod:`fcas.diffusion.data`
 and :mod:`fcas.diffusion.training`. CPU budget: workers ask for ``trainer.cpus_per_worker`` (0.5) and
 each loading task for ``trainer.data_cpus`` (0.25), so a 2-CPU machine keeps a CPU for the stream.
+
+With ``train.latent_cache=<uri>`` the driver first checks the cache against the run's VAE digest, the
+training cases and the grid (:func:`fcas.diffusion.latent_cache.check_latent_cache`; a stale cache is one
+line, exit 2, before Ray starts), then streams the cache's shards instead (:func:`cached_cases_dataset`:
+the same rows -> one case per block -> reshuffled, each case now with its ``latent`` column).
 """
 from __future__ import annotations
 
@@ -29,13 +34,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fcas.diffusion.data import case_rows, load_case_batch
+from fcas.diffusion.latent_cache import check_latent_cache, load_cached_batch
 from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
 from fcas.pipeline.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "cases_dataset", "shard_cases",
-           "buffer_size", "REPORT_EVERY"]
+__all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "cases_dataset", "cached_cases_dataset",
+           "shard_cases", "buffer_size", "REPORT_EVERY"]
 
 REPORT_EVERY = 20  # steps between metric reports to Ray Train (checkpoint steps always report)
 
@@ -116,6 +122,18 @@ def cases_dataset(rows: list[dict], shape, spacing, cpus: float = 0.25, seed: in
                           batch_size=1, num_cpus=cpus)
 
 
+def cached_cases_dataset(rows: list[dict], cpus: float = 0.25, seed: int = 0) -> "ray.data.Dataset":
+    """Ray Data stream of cached training cases ``rows`` (:func:`fcas.diffusion.latent_cache.check_latent_cache`,
+    shard URIs absolute): ``case_id``, ``image (1, D, H, W)``, ``label (D, H, W)``, ``latent (C, d, h, w)`` per
+    row, one case per block, the block order reshuffled every epoch (as :func:`cases_dataset`)."""
+    if cpus <= 0:
+        raise ValueError(f"need trainer.data_cpus > 0, got {cpus}")
+    items = [{"case_id": r["case_id"], "uri": r["uri"]} for r in rows]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
+    return ds.map_batches(load_cached_batch, batch_size=1, num_cpus=cpus)
+
+
 def shard_cases():
     """Inside a worker: an endless iterator of single cases from its ``train`` shard (epoch after epoch)."""
     shard = ray.train.get_dataset_shard("train")
@@ -124,7 +142,10 @@ def shard_cases():
         n = 0
         for b in shard.iter_batches(batch_size=1, batch_format="numpy"):
             n += 1
-            yield {"case_id": str(b["case_id"][0]), "image": b["image"][0], "label": b["label"][0]}
+            case = {"case_id": str(b["case_id"][0]), "image": b["image"][0], "label": b["label"][0]}
+            if "latent" in b:   # a latent cache (train.latent_cache)
+                case["latent"] = b["latent"][0]
+            yield case
         if n == 0:
             raise ValueError(f"the training data shard gave no case in epoch {epoch} (fewer cases than workers?)")
         epoch += 1
@@ -201,6 +222,7 @@ def fit(
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     """Train (or resume) TCDM as configured; returns a summary with the latest checkpoint URI."""
+    from fcas.models.bundle import vae_digest
     from fcas.models.checkpoint import latest_checkpoint, load_checkpoint
 
     from dataclasses import replace
@@ -210,14 +232,23 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
 
     settings = tcdm_settings_from_cfg(cfg)
     # Ray Train workers run in their own directory: resolve relative paths here, on the driver
+    tc = replace(settings.train, latent_cache=absolute(settings.train.latent_cache))
     settings = replace(settings, data=absolute(settings.data), out=absolute(settings.out),
-                       vae=absolute(settings.vae), init=absolute_init(settings.init))
+                       vae=absolute(settings.vae), init=absolute_init(settings.init), train=tc)
     c = _plain(cfg)
     tr = c.get("trainer") or {}
     workers = int(tr.get("num_workers", 2))
-    ensure_ray(tr.get("address"))
     rows = case_rows(settings.data, "train")
-    ds = cases_dataset(rows, settings.shape, settings.spacing, float(tr.get("data_cpus", 0.25)), settings.train.seed)
+    cached = None
+    if tc.latent_cache:   # a stale cache is refused here, before Ray and any training work
+        cached = check_latent_cache(tc.latent_cache, vae_digest(settings.vae, tc.seed), [r["case_id"] for r in rows],
+                                    settings.shape if tc.crop is None else None, settings.spacing)
+    ensure_ray(tr.get("address"))
+    data_cpus = float(tr.get("data_cpus", 0.25))
+    if cached:
+        ds = cached_cases_dataset(cached, data_cpus, tc.seed)
+    else:
+        ds = cases_dataset(rows, settings.shape, settings.spacing, data_cpus, tc.seed)
     k = buffer_size(settings.train.buffer_cases, len(rows), workers, 2)
     settings = replace(settings, train=replace(settings.train, buffer_cases=k))
     result = fit(

@@ -17,8 +17,8 @@ from fcas.pipeline.cli import refuse_credential_argv
 
 __all__ = ["JOBS", "main", "run_job"]
 
-JOBS = ("synthesize", "prepare", "plan", "train_vae", "train_tcdm", "pretrain_cal", "evaluate", "export_nnunet",
-        "reproduce")
+JOBS = ("synthesize", "prepare", "plan", "train_vae", "cache_latents", "train_tcdm", "pretrain_cal", "evaluate",
+        "export_nnunet", "reproduce")
 
 USAGE = f"""usage: fcas <job> [key=value ...]      (python -m fcas <job> ..., or fcas-<job> ...)
        fcas <job> --help                 (the job's config and Hydra's options)
