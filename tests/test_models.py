@@ -23,6 +23,7 @@ from fcas.models.networks import (
     build_tcdm,
     build_vae,
     count_parameters,
+    set_activation_checkpointing,
     set_flash_attention,
 )
 from fcas.models.vae import MAISI_VAE, load_maisi_autoencoder, sliding_window_decode, vae_decode, vae_encode
@@ -248,3 +249,38 @@ def test_fused_attention_switch_keeps_weights_and_outputs(name):
     assert torch.allclose(fused, explicit, atol=1e-4, rtol=1e-4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set_flash_attention(model, False) == n
+
+
+def test_activation_checkpointing_keeps_the_loss_the_gradients_and_the_weights():
+    cfg = model_cfg("tiny")
+    torch.manual_seed(0)
+    model, vae = build_tcdm(cfg, 9), build_vae(cfg.vae)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output convs would hide any difference
+            p.add_(0.02 * torch.randn_like(p))
+    z_t, t, c_raw, x = torch.randn(1, 4, 8, 8, 8), torch.tensor([300]), torch.rand(1, 9, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+
+    def loss_and_grads():
+        torch.manual_seed(1)   # the VAE's posterior sample
+        model.zero_grad(set_to_none=True)
+        vae.zero_grad(set_to_none=True)
+        loss = model(z_t, t, c_raw).square().mean() + (vae(x)[0] - x).abs().mean()
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in [*model.named_parameters(), *vae.named_parameters()] if p.grad is not None}
+        return float(loss), grads
+
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        ref = model(z_t, t, c_raw)
+    plain_loss, plain = loss_and_grads()
+    n = set_activation_checkpointing(model, True) + set_activation_checkpointing(vae, True)
+    # UNet and ControlNet: every down block and the middle block, the UNet's up blocks; the VAE itself
+    assert n == 2 * (len(cfg.unet.channels) + 1) + len(cfg.unet.channels) + 1 and vae.use_checkpoint
+    ck_loss, ck = loss_and_grads()
+    assert ck_loss == pytest.approx(plain_loss, rel=1e-6) and ck.keys() == plain.keys()
+    assert all(torch.allclose(ck[k], plain[k], atol=1e-6, rtol=1e-5) for k in plain)
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():   # no gradients: the plain forward, same output
+        assert torch.allclose(model(z_t, t, c_raw), ref, atol=1e-6)
+    set_activation_checkpointing(model, False)
+    assert all("forward" not in b.__dict__ for b in model.unet.down_blocks)

@@ -432,5 +432,44 @@ def set_flash_attention(module: nn.Module, enabled: bool) -> int:
     return n
 
 
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
+    """Activation checkpointing (``torch.utils.checkpoint``, non-reentrant) of every down, middle and up block
+    of the diffusion UNets / ControlNets under ``module``, and MONAI's own ``use_checkpoint`` of an
+    ``AutoencoderKL``: a block keeps only its inputs for backward and recomputes the rest, trading about a
+    third more step time for its activation memory. Parameters and state-dict keys are unchanged; only
+    forwards with gradients are checkpointed. Returns how many blocks (or autoencoders) were switched.
+
+    MONAI's ``DiffusionModelUNet`` / ``ControlNet`` have no such option, hence this (hand-written)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def switch(block: nn.Module) -> int:
+        if enabled:
+            plain = type(block).forward.__get__(block)
+
+            def forward(*args, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+                return plain(*args, **kwargs)
+
+            block.forward = forward
+        else:
+            block.__dict__.pop("forward", None)
+        return 1
+
+    n = 0
+    for m in list(module.modules()):
+        if isinstance(getattr(m, "use_checkpoint", None), bool) and hasattr(m, "encoder") and hasattr(m, "decoder"):
+            m.use_checkpoint = bool(enabled)   # MONAI AutoencoderKL
+            n += 1
+        for name in ("down_blocks", "up_blocks"):
+            blocks = getattr(m, name, None)
+            if isinstance(blocks, nn.ModuleList):
+                n += sum(switch(b) for b in blocks)
+        mid = getattr(m, "middle_block", None)
+        if isinstance(mid, nn.Module):
+            n += switch(mid)
+    return n
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

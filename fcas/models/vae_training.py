@@ -30,7 +30,8 @@ from fcas.models.optim import SCHEDULES, lr_at
 from fcas.models.checkpoint import config_hash, load_into, no_report
 from fcas.models.networks import VAEConfig, build_vae
 from fcas.models.vae import compute_scale_factor, vae_loss, vae_decode, vae_encode
-from fcas.training.loop import TrainingRun
+from fcas.models.networks import set_activation_checkpointing
+from fcas.training.loop import TrainingRun, amp_context, check_amp_dtype, grad_scaler
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,17 @@ class VAETrainConfig:
     keep_checkpoints: int = 2
     scale_factor_cases: int = 8
     buffer_cases: int = 8           # streamed training: cases a worker holds (crops are drawn among them)
+    # GPU memory / speed levers (docs/benchmarks.md): autocast on CUDA, MONAI's activation checkpointing of
+    # encoder and decoder, channels-last-3d layout of weights and crops
+    amp: bool = False
+    amp_dtype: str = "bfloat16"     # bfloat16 | float16 (with a loss scaler)
+    activation_checkpointing: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.crop is not None:
             object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+        check_amp_dtype(self.amp_dtype)
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(f"bad VAE train settings steps={self.steps} batch_size={self.batch_size}")
         if self.schedule not in SCHEDULES:
@@ -180,6 +188,9 @@ def train_vae_loop(
             load_into(disc, ck.state_dict("discriminator"), storage.join(ck.uri, "discriminator.pt"))
             disc_opt_sd = ck.state_dict("disc_optimizer")
     history = run.history
+    set_activation_checkpointing(vae, tc.activation_checkpointing)
+    layout = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
+    vae.to(memory_format=layout)
     module = wrap_model(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     if opt_sd is not None:
@@ -214,6 +225,7 @@ def train_vae_loop(
             states.update(discriminator=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
         return config, states
 
+    scaler = grad_scaler(device, tc.amp, tc.amp_dtype)
     vae.train()
     for step in run.steps():
         t0 = time.perf_counter()
@@ -227,21 +239,24 @@ def train_vae_loop(
         crops = [cases.images[i][(slice(None), *crop_slices(cases.shape, tc.crop, rng))] for i in idx]
         if tc.augment:
             crops = [augment_crop(c, rng, tc.intensity_jitter) for c in crops]
-        x = torch.stack(crops).to(device)
+        x = torch.stack(crops).to(device).to(memory_format=layout)
         lr = lr_at(tc, step)
         for group in opt.param_groups:
             group["lr"] = lr
         use_adv = disc is not None and step > tc.adv_start
-        loss, parts, recon = vae_loss(module, x, tc.kl_weight, tc.ssim_weight, return_recon=True)
+        with amp_context(device, tc.amp, tc.amp_dtype):
+            loss, parts, recon = vae_loss(module, x, tc.kl_weight, tc.ssim_weight, return_recon=True)
+        loss, recon = loss.float(), recon.float()
         if use_adv:
             disc.requires_grad_(False)  # the generator's term: gradients reach the VAE only
-            g_adv = adv_loss(disc(recon.float())[-1], target_is_real=True, for_discriminator=False)
+            g_adv = adv_loss(disc(recon)[-1], target_is_real=True, for_discriminator=False)
             disc.requires_grad_(True)
             loss = loss + tc.adv_weight * g_adv
             parts["adv_g"] = float(g_adv.detach())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if use_adv:
             # real and fake in one forward (one DDP forward per backward); instance norm keeps them apart
             logits = disc_module(torch.cat([recon.detach().float(), x.float()]))[-1]

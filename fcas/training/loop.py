@@ -22,9 +22,10 @@ must run without Ray (tests, the reproduction) as well as inside a Ray Train wor
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 
@@ -32,7 +33,30 @@ from fcas.io import storage
 from fcas.models.checkpoint import (Checkpoint, checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
                                     load_checkpoint, no_report, save_checkpoint)
 
-__all__ = ["TrainingRun", "history_tensors", "history_lists"]
+__all__ = ["TrainingRun", "history_tensors", "history_lists", "AMP_DTYPES", "amp_context", "grad_scaler",
+           "check_amp_dtype"]
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_amp_dtype(dtype: str) -> str:
+    if dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def amp_context(device: torch.device, amp: bool, dtype: str = "float16") -> ContextManager:
+    """``torch.autocast`` on CUDA when ``amp`` (norms and losses stay fp32 by autocast's own lists); a no-op
+    elsewhere (CPU training stays fp32)."""
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=AMP_DTYPES[check_amp_dtype(dtype)])
+    return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, amp: bool, dtype: str = "float16") -> torch.amp.GradScaler:
+    """A loss scaler, active only for float16 autocast on CUDA (bfloat16 keeps fp32's range: none needed)."""
+    return torch.amp.GradScaler("cuda", enabled=bool(amp) and torch.device(device).type == "cuda"
+                                and check_amp_dtype(dtype) == "float16")
 
 
 def history_tensors(history: Mapping[str, list[float]]) -> dict[str, torch.Tensor]:
