@@ -317,3 +317,21 @@ def test_vae_memory_levers_train_the_same_model(tmp_path, tiny_cases):
     assert a[0].item() == pytest.approx(b[0].item(), rel=1e-5) and b[1].item() == pytest.approx(a[1].item(), rel=1e-2)
     with pytest.raises(ValueError, match="amp_dtype must be one of"):
         VAESettings.from_dict({**TINY, "data": "phantom:3", "out": "x", "train": {"amp_dtype": "int8"}})
+
+
+def test_tcdm_memory_levers_keep_the_loss(tmp_path, tiny_cases):
+    """Activation checkpointing and channels-last change memory and speed, not the loss (autocast and fused
+    attention act on CUDA only); a bad autocast dtype is refused."""
+    def run(out, **levers):
+        s = _settings(tmp_path / out, 2)
+        s = TCDMSettings.from_dict({**s.to_dict(), "train": {**s.to_dict()["train"], **levers}})
+        train_tcdm_loop(s, cases=tiny_cases, progress=False)
+        return load_checkpoint(latest_checkpoint(str(tmp_path / out))).state_dict("history")["loss"]
+
+    plain = run("plain")
+    assert torch.equal(run("checkpointed", activation_checkpointing=True, fused_attention=True, amp_dtype="bfloat16"),
+                       plain)
+    last = run("channels_last", channels_last=True)
+    assert last[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+        TCDMSettings.from_dict({**_settings(tmp_path, 2).to_dict(), "train": {"amp_dtype": "fp8"}})

@@ -26,9 +26,7 @@ MAISI's released weights (:mod:`fcas.models.maisi`); MAISI's networks also get t
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Mapping
@@ -43,18 +41,11 @@ from fcas.diffusion.pairs import refill_rng, sample_pairs, step_rng
 from fcas.diffusion.schedulers import SchedulerConfig, build_train_scheduler
 from fcas.models.bundle import load_vae
 from fcas.models.bundle import vae_digest as digest_of_vae
-from fcas.models.checkpoint import (
-    checkpoint_dir,
-    config_hash,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_into,
-    no_report,
-    save_checkpoint,
-)
+from fcas.models.checkpoint import config_hash, latest_checkpoint, load_into, no_report
 from fcas.io import storage
-from fcas.models.networks import ModelConfig, build_tcdm, jsonable, maisi_inputs
+from fcas.models.networks import (ModelConfig, build_tcdm, jsonable, maisi_inputs, set_activation_checkpointing,
+                                  set_flash_attention)
+from fcas.training.loop import TrainingRun, amp_context, check_amp_dtype, grad_scaler
 from fcas.models.optim import SCHEDULES, lr_at, make_ema
 from fcas.models.vae import compute_scale_factor, latent_scale_factor, vae_encode
 
@@ -78,7 +69,11 @@ class TrainConfig:
     bidirectional: bool = True
     unet_mode: str = "joint"  # 'joint' | 'pretrain_freeze'
     pretrain_steps: int = 0
-    amp: bool = True  # used only on CUDA
+    amp: bool = True  # autocast, used only on CUDA
+    amp_dtype: str = "float16"  # float16 (with a loss scaler) | bfloat16
+    activation_checkpointing: bool = False  # UNet/ControlNet blocks recomputed in backward: less memory, more time
+    channels_last: bool = False  # channels_last_3d layout of the networks and their inputs
+    fused_attention: bool = False  # PyTorch's fused scaled_dot_product_attention in MONAI's blocks (CUDA only)
     grad_clip: float = 1.0
     scale_factor_cases: int = 8
     schedule: str = "constant"  # constant | cosine (decay to lr_min at `steps`)
@@ -91,6 +86,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.crop is not None:
             object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+        check_amp_dtype(self.amp_dtype)
         if self.unet_mode not in ("joint", "pretrain_freeze"):
             raise ValueError(f"unknown unet_mode {self.unet_mode!r}; use 'joint' or 'pretrain_freeze'")
         if self.schedule not in SCHEDULES:
@@ -251,17 +247,15 @@ def train_tcdm_loop(
     model_kwargs = {"spacing": settings.spacing} if settings.model.kind == "maisi" else {}
 
     # ---- resume ----
-    start_step, history, opt_state, stage_at_ckpt = 0, {"step": [], "loss": []}, None, None
+    run = TrainingRun("train_tcdm", settings.out, tc.steps, arch=settings.arch(),
+                      arch_of=lambda c: {k: c.get(k) for k in ARCH_KEYS}, what="model/condition/scheduler/shape",
+                      rank=rank, world_size=world_size, report=report, keep=tc.keep_checkpoints,
+                      every=tc.checkpoint_every, progress=progress)
+    opt_state, stage_at_ckpt = None, None
     ema = make_ema(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    latest = latest_checkpoint(settings.out)
-    if latest is not None:
-        ck = load_checkpoint(latest)
-        theirs = {k: ck.config.get(k) for k in ARCH_KEYS}
-        if config_hash(theirs) != config_hash(settings.arch()):
-            raise ValueError(
-                f"checkpoint {latest} was trained with a different model/condition/scheduler/shape; "
-                f"use another out= or the same settings"
-            )
+    ck = run.resume()
+    latest = ck.uri if ck is not None else None
+    if ck is not None:
         load_into(model.unet, ck.state_dict("unet"), storage.join(latest, "unet.pt"))
         load_into(model.controlnet, ck.state_dict("controlnet"), storage.join(latest, "controlnet.pt"))
         if ema is not None:
@@ -270,13 +264,11 @@ def train_tcdm_loop(
             else:  # EMA switched on for a run that had none: start it at the current weights
                 ema = make_ema(model, tc.ema_decay)
         opt_state = ck.state_dict("optimizer")
-        hist = ck.state_dict("history") if "history" in ck.files else {}
-        history = {k: [float(x) for x in v.tolist()] for k, v in hist.items()} or history
         scale_factor = float(ck.config["scale_factor"])
         stage_at_ckpt = ck.config.get("stage")
-        start_step = ck.step
         if rank == 0:
-            log.info("resuming from %s at step %d%s", latest, start_step, " (init= not used)" if settings.init else "")
+            log.info("resuming from %s at step %d%s", latest, ck.step, " (init= not used)" if settings.init else "")
+    start_step = run.start
     maisi_init = None
     if latest is None and settings.init:
         from fcas.models.maisi import load_maisi_init
@@ -304,7 +296,12 @@ def train_tcdm_loop(
     def stage_of(step: int) -> str:
         return "unet" if tc.unet_mode == "pretrain_freeze" and step < tc.pretrain_steps else "tcdm"
 
-    use_amp = tc.amp and device.type == "cuda"
+    # GPU memory / speed levers (the loss and gradients are the same with or without them)
+    set_activation_checkpointing(model, tc.activation_checkpointing)
+    if tc.fused_attention and device.type == "cuda":
+        set_flash_attention(model, True)
+    layout = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     state = {"stage": None, "module": None, "opt": None}
 
     def enter_stage(stage: str, opt_sd=None):
@@ -322,40 +319,23 @@ def train_tcdm_loop(
             opt.load_state_dict(opt_sd)
         state.update(stage=stage, module=wrap_model(trainable), opt=opt)
 
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = grad_scaler(device, tc.amp, tc.amp_dtype)
     first = stage_of(start_step)
     enter_stage(first, opt_state if (opt_state is not None and stage_at_ckpt in (None, first)) else None)
 
-    def save(step: int) -> str:
-        uri = checkpoint_dir(settings.out, step)
+    def checkpoint() -> tuple[dict, dict]:
         config = {**settings.to_dict(), "scale_factor": scale_factor, "vae_digest": vae_digest,
                   "stage": state["stage"], "config_hash": config_hash(settings.to_dict())}
-        save_checkpoint(
-            uri,
-            config=config,
-            state_dicts={
-                "unet": model.unet.state_dict(),
-                "controlnet": model.controlnet.state_dict(),
-                "vae": vae.state_dict(),
-                "optimizer": state["opt"].state_dict(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-                "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in history.items()},
-            },
-            step=step,
-        )
-        if tc.keep_checkpoints > 0:
-            for _, old in list_checkpoints(settings.out)[: -tc.keep_checkpoints]:
-                storage.remove(old, recursive=True, missing_ok=True)
-        return uri
+        return config, {
+            "unet": model.unet.state_dict(),
+            "controlnet": model.controlnet.state_dict(),
+            "vae": vae.state_dict(),
+            "optimizer": state["opt"].state_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
+        }
 
-    bar = None
-    if progress and rank == 0 and start_step < tc.steps:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start_step, desc="train_tcdm", unit="step", dynamic_ncols=True)
     samples_per_step = tc.batch_pairs * (2 if tc.bidirectional else 1) * world_size
-    t_start, steps_done, last_loss = time.perf_counter(), 0, float("nan")
-    for step in range(start_step + 1, tc.steps + 1):
+    for step in run.steps():
         if stage_of(step - 1) != state["stage"]:
             enter_stage(stage_of(step - 1))
         t0 = time.perf_counter()
@@ -381,8 +361,10 @@ def train_tcdm_loop(
             img_a, img_b = batch["image_a"].to(device), batch["image_b"].to(device)
             c_ba = build_c_raw(lab_a, lab_b, img_b, schema, cond.encoding, cond.mask_only)
             c_ab = build_c_raw(lab_b, lab_a, img_a, schema, cond.encoding, cond.mask_only) if tc.bidirectional else None
-        amp_ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-        with amp_ctx:
+            z_a, z_b = z_a.to(memory_format=layout), z_b.to(memory_format=layout)
+            c_ba = c_ba.to(memory_format=layout)
+            c_ab = c_ab.to(memory_format=layout) if c_ab is not None else None
+        with amp_context(device, tc.amp, tc.amp_dtype):
             loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen, **model_kwargs)
         opt = state["opt"]
         lr = lr_at(tc, step)
@@ -398,30 +380,15 @@ def train_tcdm_loop(
         if ema is not None:
             ema.update_parameters(model)
         dt = time.perf_counter() - t0
-        last_loss = float(loss.detach())
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"loss is {last_loss} at step {step}")
-        history["step"].append(float(step))
-        history["loss"].append(last_loss)
-        steps_done += 1
-        is_ck = step % tc.checkpoint_every == 0 or step == tc.steps
-        ck_uri = save(step) if rank == 0 and is_ck else None
-        metrics = {"step": step, "loss": last_loss, "lr": lr, "stage": state["stage"], "step_time_s": dt,
+        last_loss = run.finite(loss, step)
+        metrics = {"loss": last_loss, "lr": lr, "stage": state["stage"], "step_time_s": dt,
                    "samples_per_s": samples_per_step / dt, **parts}
-        report(metrics, checkpoint_uri=ck_uri, checkpoint_step=is_ck)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{samples_per_step / dt:.2f}")
-    if bar is not None:
-        bar.close()
-    elapsed = time.perf_counter() - t_start
+        run.end_step(step, metrics, checkpoint=checkpoint,
+                     postfix={"loss": f"{last_loss:.4f}", "sps": f"{samples_per_step / dt:.2f}"})
+    summary = run.close()
     return {
-        "start_step": start_step,
-        "final_step": max(start_step, tc.steps),
-        "steps_run": steps_done,
-        "last_loss": last_loss,
-        "seconds": elapsed,
-        "samples_per_s": (samples_per_step * steps_done / elapsed) if steps_done else 0.0,
+        **summary,
+        "samples_per_s": (samples_per_step * summary["steps_run"] / summary["seconds"]) if summary["steps_run"] else 0.0,
         "scale_factor": scale_factor,
         "latest_checkpoint": latest_checkpoint(settings.out) if rank == 0 else None,
         **({"init": asdict(maisi_init)} if maisi_init is not None else {}),   # what init= loaded / re-initialised
