@@ -312,9 +312,20 @@ def test_vae_memory_levers_train_the_same_model(tmp_path, tiny_cases):
     for k, v in plain.state_dict("vae").items():   # the same ops recomputed: the same weights
         assert torch.allclose(v.float(), ckpt.state_dict("vae")[k].float(), atol=1e-6), k
     last = run("channels_last", channels_last=True)
-    # another convolution layout rounds differently; before any update the loss is the same
-    a, b = plain.state_dict("history")["loss"], last.state_dict("history")["loss"]
-    assert a[0].item() == pytest.approx(b[0].item(), rel=1e-5) and b[1].item() == pytest.approx(a[1].item(), rel=1e-2)
+    assert torch.isfinite(last.state_dict("history")["loss"]).all()
+    # the layout changes neither encoder nor decoder (MONAI's posterior sample, randn_like, follows the memory
+    # layout, so the loop's draws differ between layouts: compare the deterministic parts)
+    from fcas.models.networks import VAEConfig, build_vae
+
+    torch.manual_seed(0)
+    vae, x = build_vae(VAEConfig()).eval(), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        mu, _ = vae.encode(x)
+        rec = vae.decode(mu)
+        vae.to(memory_format=torch.channels_last_3d)
+        mu_cl, _ = vae.encode(x.to(memory_format=torch.channels_last_3d))
+        rec_cl = vae.decode(mu_cl)
+    assert torch.allclose(mu_cl, mu, atol=1e-5) and torch.allclose(rec_cl, rec, atol=1e-5)
     with pytest.raises(ValueError, match="amp_dtype must be one of"):
         VAESettings.from_dict({**TINY, "data": "phantom:3", "out": "x", "train": {"amp_dtype": "int8"}})
 
