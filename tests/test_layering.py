@@ -1,4 +1,4 @@
-"""Ray and Hydra stay at the edges: only fcas/pipeline may import them (STYLE.md)."""
+"""Ray and Hydra stay at the edges: only fcas/pipeline may import them (docs/architecture.md)."""
 import ast
 from pathlib import Path
 

@@ -132,7 +132,7 @@ def test_sliding_window_decode_single_window_is_exact_and_two_windows_blend():
         assert torch.allclose(one, whole, atol=1e-5)
         # latent 2x the window along one axis: seams blended; the error is that of GroupNorm seeing
         # window statistics and of zero padding at window borders. Measured on an untrained tiny VAE:
-        # mean |diff| ~0.3 of the output std; see benchmarks/tcdm_sliding_window.py for trained figures.
+        # mean |diff| ~0.3 of the output std.
         z2 = torch.randn(1, 4, 16, 8, 8)
         whole2 = vae_decode(vae, z2)
         sw = sliding_window_decode(vae, z2, (8, 8, 8), overlap=0.5)

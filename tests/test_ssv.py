@@ -1,4 +1,4 @@
-"""SSV confidence maps (Eq. 7 as read in DESIGN.md): known variances, shapes, modes, errors."""
+"""SSV confidence maps (the paper's Eq. 7 as docs/method.md reads it): known variances, shapes, modes, errors."""
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """Skip-Sampling Variance (SSV, seed §3.2, Eq. 7): a per-voxel confidence map from the spread of
 the intermediate predictions collected every k-th reverse step.
 
-Eq. 7 as printed sums deviations from the mean (identically zero); following DESIGN.md we read it
+Eq. 7 as printed sums deviations from the mean (identically zero); as docs/method.md explains, we read it
 as the per-voxel variance over the intermediates ``Π = {Ĩ_t0, Ĩ_tk, ..., Ĩ_trk}``, normalised per
 sample, and ``CM = 1 - normalised variance`` (stable voxels -> high confidence).
 

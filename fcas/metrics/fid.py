@@ -1,6 +1,6 @@
 """FID between two sets of 3D volumes on features of the project's own VAE encoder; LPIPS gate.
 
-No downloadable feature weights are used (DESIGN.md, "Metrics without downloadable weights"):
+No downloadable feature weights are used (nothing can be downloaded at run time):
 the feature network is the **encoder of the project's KL autoencoder** (MONAI ``AutoencoderKL``),
 loaded from a TCDM or VAE checkpoint folder, by default the bundled ``checkpoints/demo``.
 The feature vector of a volume ``(1, X, Y, Z)`` in [0, 1] is the global average pool of the output
