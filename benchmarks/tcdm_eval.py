@@ -4,12 +4,12 @@
         [--pairs 8] [--steps 20] [--offset 1000]
 
 1. VAE reconstruction on held-out phantoms (seeds offset..): SSIM (MONAI SSIMMetric, 3D, data range 1)
-   and RMSE on the [0, 1] intensity scale (HU/2000), as the seed's Table 1 reports them.
+   and RMSE on the [0, 1] intensity scale (HU/2000), as the paper's Table 1 reports them.
 2. Sliding-window decode (MONAI SlidingWindowInferer, Gaussian blending) of a latent 2x the window
    per axis versus decoding it whole: max / mean absolute difference in HU.
 3. Held-out pairs (A, B), B@A: sample I_A from (M_A, M_B, I_B) with DDIM at equal steps and seeds,
    decode, compare with the real I_A: SSIM and RMSE, for the template-guided model and (if given)
-   the mask-only ablation trained with the same budget (seed Table 1 / Table 4 direction).
+   the mask-only ablation trained with the same budget (the paper's Table 1 / Table 4 direction).
 """
 import argparse
 import json

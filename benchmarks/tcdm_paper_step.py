@@ -3,7 +3,7 @@
     python benchmarks/tcdm_paper_step.py [--crop 64 64 32]
 
 Networks are MAISI-sized (configs/model/paper.yaml): MAISI's autoencoder, a 4-level 64-128-256-512
-UNet and its ControlNet. The crop is reduced from the seed's 512x512x128 so that one step fits a CPU.
+UNet and its ControlNet. The crop is reduced from the paper's 512x512x128 so that one step fits a CPU.
 """
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""Miniature reproduction of the seed's Tables 1, 3 and 4 on phantoms (``make reproduce``).
+"""Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms (``make reproduce``).
 
 Stages, each cached as ``<work>/stages/<name>.json`` (a rerun loads it and skips the work; every
 run and skip is appended to ``<work>/stage_log.jsonl`` with its seconds):
@@ -271,7 +271,7 @@ def sample_held_out_pairs(checkpoint: str, cases, pairs: int, steps: int, seed: 
 def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
     """SSIM / RMSE / FID of both checkpoints on the held-out pairs for one seed (+ the real-vs-real FID floor).
 
-    SSIM and RMSE "under the same mask" (seed §4): over the cardiac voxels of the reference mask M_A
+    SSIM and RMSE "under the same mask" (the paper's §4): over the cardiac voxels of the reference mask M_A
     (the figures named ``ssim`` / ``rmse``), and over the whole volume beside them (``*_whole``), where
     the surroundings of A, which neither model is given, dominate.
     """
@@ -759,7 +759,7 @@ def render_results(s: ReproduceSettings, stages: Mapping[str, dict], config: Map
           f"({platform.machine()}, torch {torch.__version__}, {s.threads} threads). Preset `{s.preset}` "
           f"({'x'.join(map(str, s.shape))} @ {s.spacing[0]} mm); seeds {list(s.seeds)}; every figure is mean ± sd "
           f"(sample sd, ddof=1) over the seeds. Phantoms stand in for CT: the claims tested are the *directions* of the "
-          "seed's tables, not their values.", ""]
+          "paper's tables, not their values.", ""]
     L += L1 + L2
     L += ["## Reading", "",
           "Verdicts are mechanical: a direction counts as reproduced only when the difference of the means exceeds "

@@ -1,4 +1,4 @@
-"""Miniature reproduction of the seed's Tables 1, 3 and 4 on phantoms -> docs/results.md (``make reproduce``).
+"""Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md (``make reproduce``).
 
     python jobs/reproduce.py                 # full scale (estimated ~70 min on 2 free CPU cores; reruns resume)
     python jobs/reproduce.py scale=smoke     # every stage in seconds, results under outputs/

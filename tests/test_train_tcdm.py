@@ -144,7 +144,7 @@ def test_hydra_config_composes_per_preset():
         cfg = compose("train_tcdm", overrides=["preset=paper", "model=paper", "condition.mask_only=true"])
         vcfg = compose("train_vae", overrides=["preset=demo", "model=demo"])
     s = tcdm_settings_from_cfg(cfg)
-    assert s.shape == (512, 512, 256) and s.train.crop == (512, 512, 128)  # the seed's training crop
+    assert s.shape == (512, 512, 256) and s.train.crop == (512, 512, 128)  # the paper's training crop
     assert s.model.unet.channels == (64, 128, 256, 512) and s.condition.channels == 4
     assert s.out == "outputs/tcdm-paper"
     v = vae_settings_from_cfg(vcfg)

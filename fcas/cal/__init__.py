@@ -1,4 +1,4 @@
-"""CAL: segmentation pretraining on synthetic data with the confidence-aware loss (seed Eq. 9), then
+"""CAL: segmentation pretraining on synthetic data with the confidence-aware loss (the paper's Eq. 9), then
 fine-tuning on real (or phantom) cases. Ray-free; the Ray Train job is :mod:`fcas.pipeline.pretrain_cal`.
 
 Names are imported lazily, so the Ray Data loading tasks that import :mod:`fcas.cal.data` do not

@@ -1,4 +1,4 @@
-"""Confidence-aware loss (seed Eq. 9): CM-weighted cross-entropy + soft Dice. Hand-written.
+"""Confidence-aware loss (the paper's Eq. 9): CM-weighted cross-entropy + soft Dice. Hand-written.
 
 ``L_CAL = CM · L(F(Ĩ), M)``: the per-voxel terms of the segmentation loss are multiplied by the
 confidence map before they are reduced, for cross-entropy and soft Dice alike:

@@ -1,4 +1,4 @@
-"""MGM -- the training-free Mask Generation Module (seed §3.1.3, Eq. 5-6).
+"""MGM -- the training-free Mask Generation Module (the paper's §3.1.3, Eq. 5-6).
 
 * :mod:`fcas.deform.params` -- :class:`MGMRanges`, :class:`MGMParams`, :func:`draw_params`.
 * :mod:`fcas.deform.field` -- the composed affine + smooth non-rigid pull-back field (mm).

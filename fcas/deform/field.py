@@ -1,4 +1,4 @@
-"""The composed MGM sampling field (seed Eq. 5): affine T_a then non-rigid T_nr, in mm.
+"""The composed MGM sampling field (the paper's Eq. 5): affine T_a then non-rigid T_nr, in mm.
 
 Convention (pull-back, as every resampler): output voxel ``x`` (array index) reads the template at
 

@@ -1,4 +1,4 @@
-"""MGM deformation (seed §3.1.3, Eq. 5-6): warp a label map, close each class, union the classes.
+"""MGM deformation (the paper's §3.1.3, Eq. 5-6): warp a label map, close each class, union the classes.
 
 ``mgm_deform(mask, spacing, params)`` computes
 

@@ -1,4 +1,4 @@
-"""MGM parameters (seed §3.1.3, Eq. 5): ranges from ``configs/mgm/``, one frozen draw per sample.
+"""MGM parameters (the paper's §3.1.3, Eq. 5): ranges from ``configs/mgm/``, one frozen draw per sample.
 
 * :class:`MGMRanges` -- the sampling ranges, built from the Hydra ``mgm.ranges`` dict with
   :meth:`MGMRanges.from_dict`; an invalid range raises ``ValueError`` naming the field.

@@ -1,8 +1,8 @@
-"""TCDM condition (seed §3.1.1, Eq. 1): ``c_raw = M'_A ⊕ M'_B ⊕ I_B`` at full resolution.
+"""TCDM condition (the paper's §3.1.1, Eq. 1): ``c_raw = M'_A ⊕ M'_B ⊕ I_B`` at full resolution.
 
 ``M'_A`` is the channel-wise binarization (MAISI's bit planes, or one-hot by config) of the reference
 mask filtered to the eight cardiac classes, ``M'_B`` that of the whole template mask, ``I_B`` the
-template image scaled to [0, 1]. The ``mask_only`` ablation (seed Table 4) keeps ``M'_A`` alone.
+template image scaled to [0, 1]. The ``mask_only`` ablation (the paper's Table 4) keeps ``M'_A`` alone.
 The ControlNet's condition encoder (``E_ctrl``) then maps ``c_raw`` to the latent grid.
 
 Intensities: HU clipped to [-1000, 1000] and scaled to [0, 1] (:func:`hu_to_unit`), the inverse

@@ -1,5 +1,5 @@
-"""Pair sampling for bidirectional training (seed §3.1.2): random ordered pairs ``(a, b)``, ``a != b``,
-from ``N`` training cases (N(N-1) ordered pairs; with both directions trained per pair, the seed's
+"""Pair sampling for bidirectional training (the paper's §3.1.2): random ordered pairs ``(a, b)``, ``a != b``,
+from ``N`` training cases (N(N-1) ordered pairs; with both directions trained per pair, the paper's
 "(N^tr)^2 training pairs"). Each draw comes from ``numpy.random.default_rng([seed, step, rank])`` so a
 resumed run sees the same pairs as an uninterrupted one. Hand-written (a few lines of NumPy).
 """

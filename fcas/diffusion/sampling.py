@@ -82,7 +82,7 @@ def sample(
         scheduler: 'ddim' | 'ddpm' (models trained with DDPM) or 'rflow' (trained with RFlow).
         collect_every: k > 0 collects the intermediate at step indices 0, k, 2k, ... (SSV); 0 none.
         collect: 'x0' (predicted clean latent, the default reading of SSV) or 'latent' (noisy Z_t after
-            the step, the seed's literal wording).
+            the step, the paper's literal wording).
         collect_from: fraction of the reverse steps skipped before collecting: with ``s0 =
             floor(collect_from * steps)`` the step indices ``s0, s0 + k, ...`` are collected (0: from
             the first step; 0.5: the late, low-noise half only).

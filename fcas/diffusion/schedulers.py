@@ -1,6 +1,6 @@
 """Scheduler glue: MONAI's ``DDPMScheduler`` / ``DDIMScheduler`` / ``RFlowScheduler`` from one config.
 
-Training uses ``kind='ddpm'`` (noise prediction, seed Eq. 3) or ``kind='rflow'`` (velocity, MAISI v2).
+Training uses ``kind='ddpm'`` (noise prediction, the paper's Eq. 3) or ``kind='rflow'`` (velocity, MAISI v2).
 A model trained with DDPM samples with DDIM (or DDPM); a model trained with RFlow samples with RFlow.
 Timesteps for training are drawn here from an explicit ``torch.Generator`` (MONAI's RFlow draws from
 the global RNG, which would break per-sample determinism).

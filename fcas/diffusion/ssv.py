@@ -1,4 +1,4 @@
-"""Skip-Sampling Variance (SSV, seed §3.2, Eq. 7): a per-voxel confidence map from the spread of
+"""Skip-Sampling Variance (SSV, the paper's §3.2, Eq. 7): a per-voxel confidence map from the spread of
 the intermediate predictions collected every k-th reverse step.
 
 Eq. 7 as printed sums deviations from the mean (identically zero); as docs/method.md explains, we read it

@@ -2,7 +2,7 @@
 
 One step on every worker: draw ``batch_pairs`` random ordered pairs ``(a, b)`` from
 ``rng([seed, step, rank])``, crop both cases at one window, encode the targets with the frozen VAE,
-build ``c_raw`` for both directions and minimise the bidirectional loss (seed Eq. 4) with AdamW.
+build ``c_raw`` for both directions and minimise the bidirectional loss (the paper's Eq. 4) with AdamW.
 Rank 0 writes a checkpoint folder every ``checkpoint_every`` steps; a restart resumes from the latest
 complete one. Because every draw is keyed by ``(seed, step, rank)``, a resumed run of the in-memory
 loop (``cases=`` or ``data=`` loaded whole, what tests and benchmarks use) follows the same trajectory as an

@@ -205,7 +205,7 @@ def _segmentation_md(m: Mapping) -> list[str]:
     out = ["# Segmentation evaluation", "",
            f"Ground truth `{m['data']}`; predictions `{m['pred'] or m['checkpoint']}`; {m['n_cases']} cases; "
            f"classes: {m['classes']}.", "",
-           "Dice (seed Eq. 14) per class: MONAI `compute_dice`. RDice (Eq. 15): the prediction restricted to the "
+           "Dice (the paper's Eq. 14) per class: MONAI `compute_dice`. RDice (Eq. 15): the prediction restricted to the "
            f"ground truth dilated by a ball of {m['rdice_radius_voxels']} voxels. {m['empty_rule'].capitalize()}.", "",
            _md_table(head, rows), "", "![per-class Dice](dice_per_class.png)", "", "## Per case", "",
            _md_table(["case", "mean Dice", "mean RDice"], case_rows)]

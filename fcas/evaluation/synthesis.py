@@ -16,7 +16,7 @@ What the figures mean: a synthesized sample has no ground-truth image -- its mas
 mask deformed by MGM, its context comes from the template. Against the template (default) SSIM /
 RMSE measure how closely the sample follows the template's appearance under the sample's own
 anatomy (and the error map holds the anatomy differences); against the reference they measure
-fidelity only when MGM left the reference mask unchanged (held-out pair evaluation, seed Table 1).
+fidelity only when MGM left the reference mask unchanged (held-out pair evaluation, the paper's Table 1).
 
 Hand-written glue (target lookup, streamed statistics); the metrics are :mod:`fcas.metrics`.
 """

@@ -1,6 +1,6 @@
 """Evaluation metrics (Ray-free; numpy / torch in, floats out).
 
-* :mod:`fcas.metrics.segmentation` -- Dice (seed Eq. 14) and RDice (Eq. 15) per class and mean.
+* :mod:`fcas.metrics.segmentation` -- Dice (the paper's Eq. 14) and RDice (Eq. 15) per class and mean.
 * :mod:`fcas.metrics.image` -- SSIM (MONAI) and RMSE of a synthesized volume vs its target under a mask.
 * :mod:`fcas.metrics.fid` -- FID on features of the project's own VAE encoder; LPIPS only with given weights.
 """

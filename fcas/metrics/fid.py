@@ -7,9 +7,9 @@ The feature vector of a volume ``(1, X, Y, Z)`` in [0, 1] is the global average 
 of the last residual block of every resolution level of the encoder, concatenated (the demo VAE:
 16 + 32 + 32 = 80 features); :attr:`VAEEncoderFeatures.description` names the checkpoint digest and
 the blocks, and every report quotes it. FIDs computed with different feature networks are not
-comparable with each other, nor with the seed's Table 1 (Inception / its own network).
+comparable with each other, nor with the paper's Table 1 (Inception / its own network).
 
-Fréchet distance (seed Eq. 12): ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))``.
+Fréchet distance (the paper's Eq. 12): ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))``.
 Hand-written: MONAI's ``get_fid_score`` calls ``scipy.linalg.sqrtm(..., disp=False)`` (``disp`` is
 deprecated in SciPy 1.17 and removed in 1.18), prints to stdout, and fails on the singular
 covariances of sets smaller than the feature dimension. Here the trace term uses the identity
@@ -52,7 +52,7 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float:
-    """Fréchet distance between N(mu_a, sigma_a) and N(mu_b, sigma_b) (seed Eq. 12); see the module docstring."""
+    """Fréchet distance between N(mu_a, sigma_a) and N(mu_b, sigma_b) (the paper's Eq. 12); see the module docstring."""
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     sa, sb = np.atleast_2d(np.asarray(sigma_a, np.float64)), np.atleast_2d(np.asarray(sigma_b, np.float64))
     if mu_a.shape != mu_b.shape or sa.shape != sb.shape or sa.shape != (mu_a.size, mu_a.size):

@@ -4,7 +4,7 @@ Images are intensities in unit scale ``[0, 1]`` (HU via :func:`fcas.diffusion.co
 ``(X, Y, Z)`` numpy arrays or torch tensors; ``mask`` is a boolean ``(X, Y, Z)`` map or ``None``
 (the whole volume).
 
-Reading of "computed for each real and synthesized image pair under the same mask" (seed §4 and
+Reading of "computed for each real and synthesized image pair under the same mask" (the paper's §4 and
 Eq. 10-11): both metrics are averaged over the **voxels of the mask**, not over its bounding box:
 
 * SSIM: MONAI's :func:`monai.metrics.regression.compute_ssim_and_cs` gives the local SSIM map of
@@ -67,7 +67,7 @@ def ssim_map(image, target, win_size: int = 7, kernel_sigma: float = 1.5, data_r
 
 def ssim(image, target, mask=None, win_size: int = 7, kernel_sigma: float = 1.5, data_range: float = 1.0,
          device: str | torch.device = "cpu") -> float:
-    """SSIM (seed Eq. 10) of ``image`` vs ``target`` ``(X, Y, Z)`` in [0, 1], averaged over ``mask`` voxels.
+    """SSIM (the paper's Eq. 10) of ``image`` vs ``target`` ``(X, Y, Z)`` in [0, 1], averaged over ``mask`` voxels.
 
     ``mask``: boolean ``(X, Y, Z)`` or ``None`` (whole volume; equals MONAI ``SSIMMetric``).
     """
@@ -83,7 +83,7 @@ def ssim(image, target, mask=None, win_size: int = 7, kernel_sigma: float = 1.5,
 
 
 def rmse(image, target, mask=None) -> float:
-    """Root mean square error (seed Eq. 11) over the ``mask`` voxels (all voxels when ``None``)."""
+    """Root mean square error (the paper's Eq. 11) over the ``mask`` voxels (all voxels when ``None``)."""
     a, b, m = _pair(image, target, mask)
     d = (a - b) ** 2
     if m is not None:

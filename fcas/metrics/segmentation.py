@@ -1,4 +1,4 @@
-"""Segmentation metrics: Dice (seed Eq. 14) and RDice (seed Eq. 15), per class and mean.
+"""Segmentation metrics: Dice (the paper's Eq. 14) and RDice (the paper's Eq. 15), per class and mean.
 
 Inputs are label maps of class ids, ``(X, Y, Z)`` (any number of spatial axes) integer numpy
 arrays or torch tensors; outputs are plain floats keyed by class id.
@@ -73,7 +73,7 @@ def _dice(p: np.ndarray, q: np.ndarray, both_empty: float) -> float:
 
 def dice_per_class(pred, label, class_ids: Iterable[int] | None = None,
                    both_empty: float = math.nan) -> dict[int, float]:
-    """Dice = 2|P ∩ Q| / (|P| + |Q|) per class (seed Eq. 14).
+    """Dice = 2|P ∩ Q| / (|P| + |Q|) per class (the paper's Eq. 14).
 
     Args:
         pred: ``(X, Y, Z)`` predicted class ids.
@@ -118,7 +118,7 @@ def _restrict_to_band(p: np.ndarray, q: np.ndarray, radius: int) -> np.ndarray:
 
 def rdice_per_class(pred, label, class_ids: Iterable[int] | None = None, radius: int = 3,
                     both_empty: float = math.nan) -> dict[int, float]:
-    """RDice (seed Eq. 15): Dice after restricting the prediction to the ground truth dilated by ``radius``.
+    """RDice (the paper's Eq. 15): Dice after restricting the prediction to the ground truth dilated by ``radius``.
 
     Args:
         pred: ``(X, Y, Z)`` predicted class ids.

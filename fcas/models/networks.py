@@ -39,7 +39,7 @@ __all__ = [
     "count_parameters",
 ]
 
-LATENT_DOWNSAMPLE = 4  # the seed's latent grid: 1/4 per axis
+LATENT_DOWNSAMPLE = 4  # the paper's latent grid: 1/4 per axis
 
 
 def _tuple(v, n: int | None = None, typ=int) -> tuple:
@@ -287,7 +287,7 @@ class MaisiUNet(DiffusionModelUNetMaisi):
 
 
 class TemplateControlNet(ControlNetMaisi):
-    """MONAI's ControlNet with the conditioning embedding exposed (``E_ctrl`` of seed Eq. 1).
+    """MONAI's ControlNet with the conditioning embedding exposed (``E_ctrl`` of the paper's Eq. 1).
 
     :meth:`embed_condition` maps ``c_raw (B, C_cond, D, H, W)`` to ``(B, channels[0], D/4, H/4, W/4)``;
     :meth:`forward` accepts either ``controlnet_cond`` (raw, embedded here) or a precomputed

@@ -28,7 +28,7 @@ class CaseRef:
 class TemplateLibrary:
     """Template pairs d_B (image + whole mask) and reference masks M_A (deformed by MGM).
 
-    The seed's inference draws both from its template library (50 cases); a prepared manifest's
+    The paper's inference draws both from its template library (50 cases); a prepared manifest's
     ``reference`` split adds more reference masks. Without one, references are the templates.
     """
 

@@ -42,7 +42,7 @@ class SamplerSettings:
     eta: float = 0.0
     ssv_mode: str = "latent"         # latent | image | off
     ssv_every: int = 4               # k: collect x̂0 at steps 0, k, 2k, ...
-    ssv_collect: str = "x0"          # x0 (default reading) | latent (the seed's literal Z_t)
+    ssv_collect: str = "x0"          # x0 (default reading) | latent (the paper's literal Z_t)
     ssv_quantile: float = 0.999
     ssv_start: float = 0.0           # fraction of the steps skipped before collecting (0.5: late half)
     window: tuple[int, int, int] | None = None   # latent sliding window; None = whole latent

@@ -1,4 +1,4 @@
-"""``fcas reproduce``: miniature reproduction of the seed's Tables 1, 3 and 4 on phantoms -> docs/results.md."""
+"""``fcas reproduce``: miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md."""
 from __future__ import annotations
 
 import hydra
