@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fcas.reproduce import ARMS, ReproduceSettings, _stage, _verdict, read_stage_log, sample_held_out_pairs
+from fcas.reproduction import ARMS, ReproduceSettings, read_stage_log, run_stage, sample_held_out_pairs, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM = re.compile(r"-?\d+\.\d+ ± \d+\.\d+")
@@ -102,8 +102,8 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
 def test_stage_cache_runs_once(tmp_path):
     calls = []
     fn = lambda: calls.append(1) or {"x": np.float32(0.5), "nan": float("nan")}  # noqa: E731
-    a = _stage(str(tmp_path), "s", fn)
-    b = _stage(str(tmp_path), "s", fn)
+    a = run_stage(str(tmp_path), "s", fn)
+    b = run_stage(str(tmp_path), "s", fn)
     assert calls == [1]
     assert a["result"] == b["result"] == {"x": 0.5, "nan": None}
     assert [r["event"] for r in read_stage_log(str(tmp_path))] == ["ran", "cached"]
@@ -111,16 +111,16 @@ def test_stage_cache_runs_once(tmp_path):
     own = tmp_path / "own"
     own.mkdir()
     (own / "old.txt").write_text("x")
-    c = _stage(str(tmp_path), "s", fn, key="k2", clean=str(own))
+    c = run_stage(str(tmp_path), "s", fn, key="k2", clean=str(own))
     assert calls == [1, 1] and c["key"] == "k2" and not own.exists()
-    assert _stage(str(tmp_path), "s", fn, key="k2")["key"] == "k2" and calls == [1, 1]
+    assert run_stage(str(tmp_path), "s", fn, key="k2")["key"] == "k2" and calls == [1, 1]
     assert [r["event"] for r in read_stage_log(str(tmp_path))][2:] == ["stale", "ran", "cached"]
 
 
 def test_stage_key_follows_settings_and_checkpoints(tiny_checkpoint, tmp_path):
     import shutil
 
-    from fcas.reproduce import ReproduceSettings, stage_key
+    from fcas.reproduction import ReproduceSettings, stage_key
 
     base = dict(work=str(tmp_path / "w"), checkpoint=tiny_checkpoint, mask_only_checkpoint=tiny_checkpoint)
     k = stage_key(ReproduceSettings(**base))
@@ -141,7 +141,7 @@ def test_stage_key_follows_settings_and_checkpoints(tiny_checkpoint, tmp_path):
     (float("nan"), 0.5, 0.1, 0.1, True, "not measurable"),
 ])
 def test_verdict(better, worse, sd_b, sd_w, higher, start):
-    assert _verdict(better, worse, sd_b, sd_w, higher).startswith(start)
+    assert verdict(better, worse, sd_b, sd_w, higher).startswith(start)
 
 
 @pytest.mark.parametrize("bad", [{"seeds": []}, {"pairs": 1}, {"n_test": 1}, {"stop_after": "nope"}, {"nonsense": 1},

@@ -1,5 +1,5 @@
 """Ray wiring of ``make reproduce``: the two Ray jobs the reproduction calls (prepare, synthesize) and
-``run(cfg)`` for ``jobs/reproduce.py``. The stages and the report are :mod:`fcas.reproduce` (Ray-free)."""
+``run(cfg)`` for ``jobs/reproduce.py``. The stages and the report are :mod:`fcas.reproduction` (Ray-free)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.synthesize import Resources, SynthesisJob, run_synthesis
 from fcas.prepare import PrepareSettings
-from fcas.reproduce import ReproduceSettings, Runners, run_reproduce
+from fcas.reproduction import ReproduceSettings, Runners, run_reproduce
 from fcas.synthesis.sampler import SamplerSettings
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ __all__ = ["ray_runners", "settings_from_cfg", "run"]
 
 
 def ray_runners(ray_address: str | None = None, progress: bool = False) -> Runners:
-    """:class:`fcas.reproduce.Runners` backed by the prepare and synthesis Ray jobs."""
+    """:class:`fcas.reproduction.Runners` backed by the prepare and synthesis Ray jobs."""
 
     def prepare(source: str, out: str, shape, spacing, splits, seed: int) -> dict:
         job = PrepareJob(source=source, out=out, settings=PrepareSettings(shape=tuple(shape), spacing=tuple(spacing)),

@@ -1,0 +1,90 @@
+"""The stage cache of the reproduction: each stage's result kept as ``<work>/stages/<name>.json`` under a key
+of what it depends on, every run and skip appended to ``<work>/stage_log.jsonl``. Hand-written (a few lines
+over :mod:`fcas.io.storage`)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fcas.evaluation.report import json_safe
+from fcas.io import storage
+from fcas.reproduction.settings import ReproduceSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["stage_key", "run_stage", "read_stage_log", "log_event", "mean_sd", "STAGE_LOG", "MEASUREMENT_VERSION"]
+
+STAGE_LOG = "stage_log.jsonl"
+
+MEASUREMENT_VERSION = 2   # 2: Table 1 scored under the cardiac mask of M_A (1: the whole volume)
+
+
+def stage_key(s: ReproduceSettings) -> str:
+    """What every stage's result depends on: the settings (less where they are written and how many
+    threads compute them), the two checkpoints' digests and :data:`MEASUREMENT_VERSION`."""
+    from fcas.models.checkpoint import checkpoint_digest, config_hash
+
+    d = {k: v for k, v in asdict(s).items() if k not in ("work", "results", "plots", "threads", "stop_after")}
+    digests = {}
+    for name in ("checkpoint", "mask_only_checkpoint"):
+        uri = getattr(s, name)
+        try:
+            digests[name] = checkpoint_digest(uri)
+        except (OSError, ValueError):
+            digests[name] = None   # a missing checkpoint fails in the stage that loads it
+    return config_hash({"settings": json_safe(d), "digests": digests, "version": MEASUREMENT_VERSION})
+
+
+def log_event(work: str, row: dict) -> None:
+    uri = storage.join(work, STAGE_LOG)
+    old = storage.read_bytes(uri).decode() if storage.exists(uri) else ""
+    storage.atomic_write_bytes(uri, (old + json.dumps(row, sort_keys=True) + "\n").encode())
+
+
+def read_stage_log(work: str) -> list[dict]:
+    uri = storage.join(work, STAGE_LOG)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
+
+
+def run_stage(work: str, name: str, fn: Callable[[], dict], key: str | None = None, clean: str | None = None) -> dict:
+    """Run ``fn`` once: its result (with ``seconds``) is kept as ``<work>/stages/<name>.json``.
+
+    ``key`` names what the result depends on (:func:`stage_key`: settings, checkpoint digests, the
+    measurement code's version); a kept result with another key is stale and is computed again,
+    after removing ``clean`` (the stage's own output folder, which would otherwise be resumed).
+    """
+    uri = storage.join(work, "stages", f"{name}.json")
+    if storage.exists(uri):
+        rec = json.loads(storage.read_bytes(uri))
+        if rec.get("key") == key:
+            log_event(work, {"stage": name, "event": "cached", "seconds": 0.0, "at": time.time()})
+            log.info("reproduce: stage %s cached (%.1f s when it ran)", name, rec["seconds"])
+            return rec
+        log_event(work, {"stage": name, "event": "stale", "seconds": 0.0, "at": time.time()})
+        log.info("reproduce: stage %s was computed with other settings or checkpoints; running it again", name)
+        if clean and storage.exists(clean):
+            storage.remove(clean, recursive=True)
+    log.info("reproduce: stage %s ...", name)
+    t0 = time.perf_counter()
+    result = fn()
+    rec = {"stage": name, "seconds": round(time.perf_counter() - t0, 2), "key": key, "result": json_safe(result)}
+    storage.atomic_write_bytes(uri, json.dumps(rec, indent=1).encode())
+    log_event(work, {"stage": name, "event": "ran", "seconds": rec["seconds"], "at": time.time()})
+    log.info("reproduce: stage %s done in %.1f s", name, rec["seconds"])
+    return rec
+
+
+def mean_sd(values: Sequence[float | None]) -> tuple[float, float, int]:
+    """(mean, sample sd with ddof=1, count) of the finite values; (nan, nan, 0) when there are none."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if not v.size:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
