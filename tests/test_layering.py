@@ -31,3 +31,17 @@ def test_library_module_imports_neither_ray_nor_hydra(path):
 
 def test_the_check_sees_the_library():
     assert len(LIBRARY_MODULES) >= 2
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from fcas.x import _name`` of another module: a private helper borrowed across modules."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{node.module}.{a.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("fcas")
+            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_no_private_name_is_imported_across_modules(path):
+    bad = _private_imports(path)
+    assert not bad, f"{path} imports private names {bad}; make them public where they are defined"

@@ -154,7 +154,7 @@ def control_coordinates(params: MGMParams, shape, spacing) -> ControlGrid:
     return ControlGrid(coords=x, shape=shape)
 
 
-def _lerp_weights(n: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+def lerp_weights(n: int, g: int) -> tuple[np.ndarray, np.ndarray]:
     """Left node and weight (float32) of each of ``n`` voxels on ``g`` nodes spanning ``[0, n-1]``."""
     if n == 1:
         return np.zeros(1, dtype=np.intp), np.zeros(1, dtype=np.float32)
@@ -168,7 +168,7 @@ def upsample_axes12(grid: ControlGrid, offset: float = 0.0) -> np.ndarray:
     _, h, w = grid.shape
     c = grid.coords.astype(np.float32) + np.float32(offset)
     for axis, n in ((3, w), (2, h)):
-        k, wt = _lerp_weights(n, c.shape[axis])
+        k, wt = lerp_weights(n, c.shape[axis])
         a = np.take(c, k, axis=axis)
         b = np.take(c, np.minimum(k + 1, c.shape[axis] - 1), axis=axis)
         shp = [1, 1, 1, 1]
@@ -186,7 +186,7 @@ def dense_coordinates(params: MGMParams, shape, spacing, offset: float = 0.0) ->
     """
     grid = control_coordinates(params, shape, spacing)
     c = upsample_axes12(grid, offset)
-    k, wt = _lerp_weights(grid.shape[0], c.shape[1])
+    k, wt = lerp_weights(grid.shape[0], c.shape[1])
     a = np.take(c, k, axis=1)
     b = np.take(c, np.minimum(k + 1, c.shape[1] - 1), axis=1)
     return a + (b - a) * wt.reshape(1, -1, 1, 1)

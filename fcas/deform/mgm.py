@@ -91,7 +91,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fcas.deform.field import ControlGrid, _lerp_weights, check_geometry, control_coordinates, upsample_axes12
+from fcas.deform.field import ControlGrid, lerp_weights, check_geometry, control_coordinates, upsample_axes12
 from fcas.deform.params import MGMParams
 from fcas.labels import LabelSchema, default_schema
 
@@ -258,7 +258,7 @@ def warp_labels(codes: np.ndarray, grid: ControlGrid, num_threads: int | None = 
     if clip:  # out-of-grid reads land on the one-voxel zero border
         bounds = [(np.float32(_PAD_MAX - 1), np.float32(_PAD_MAX + n)) for n in codes.shape]
     c12 = upsample_axes12(grid, OFFSET)
-    k0, w0 = _lerp_weights(d, grid.nodes[0])
+    k0, w0 = lerp_weights(d, grid.nodes[0])
     out = np.empty(codes.shape, dtype=codes.dtype)
     g = _Gather(padded, lo, c12, k0, w0, out, bounds)
     starts = list(range(0, d, g.chunk))

@@ -98,7 +98,7 @@ def json_safe(x):
     return x
 
 
-def _fmt(v, digits: int = 4) -> str:
+def format_number(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, (float, np.floating)):
@@ -106,20 +106,22 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_number(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+def mean_sd(values: Sequence[float | None]) -> tuple[float, float, int]:
+    """(mean, sample sd with ddof=1 -- 0 for one value --, count) of the finite values; (nan, nan, 0) for none.
+    Every "±" of the project's reports (evaluate and the reproduction) is this sd."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if not v.size:
         return math.nan, math.nan, 0
-    return float(v.mean()), float(v.std()), int(v.size)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -128,13 +130,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _figure(w: float = 6.5, h: float = 3.6):
+def new_figure(w: float = 6.5, h: float = 3.6):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), dpi=110, layout="tight")
 
 
-def _load_labels(x, what: str) -> np.ndarray:
+def load_labels(x, what: str) -> np.ndarray:
     if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__"):
         return nifti.read_nifti(str(x)).array
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -184,7 +186,7 @@ def read_learning_curve(uri: str) -> dict[str, np.ndarray]:
 
 
 def _plot_learning_curve(curve: Mapping[str, np.ndarray]) -> bytes:
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     step = curve["step"]
     positive = True
@@ -205,7 +207,7 @@ def _plot_learning_curve(curve: Mapping[str, np.ndarray]) -> bytes:
     ax.set_title("learning curve")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return figure_png(fig)
 
 
 

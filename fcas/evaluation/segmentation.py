@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fcas.evaluation.report import (EvaluateSettings, _figure, _load_labels, _md_table, _png, _stats,
+from fcas.evaluation.report import (EvaluateSettings, new_figure, load_labels, markdown_table, figure_png, mean_sd,
                                     write_report)
 from fcas.io import manifest, nifti, storage
 from fcas.labels import LabelSchema, load_schema
@@ -53,8 +53,8 @@ def evaluate_segmentation(preds: Mapping[str, Any], labels: Mapping[str, Any], s
     names = schema.names
     rows = []
     for case_id in sorted(labels):
-        q = _load_labels(labels[case_id], "label")
-        p = _load_labels(preds[case_id], "prediction")
+        q = load_labels(labels[case_id], "label")
+        p = load_labels(preds[case_id], "prediction")
         if p.shape != q.shape:
             raise ValueError(f"case {case_id!r}: prediction shape {p.shape} != label shape {q.shape}")
         d = dice_per_class(p, q, class_ids)
@@ -72,8 +72,8 @@ def segmentation_summary(rows: Sequence[Mapping], radius: int) -> dict:
         per_case.setdefault(row["case_id"], []).append(row)
     classes = {}
     for name, rs in per_class.items():
-        dm, ds, n = _stats([r["dice"] for r in rs])
-        rm, rsd, _ = _stats([r["rdice"] for r in rs])
+        dm, ds, n = mean_sd([r["dice"] for r in rs])
+        rm, rsd, _ = mean_sd([r["rdice"] for r in rs])
         classes[name] = {"class_id": rs[0]["class_id"], "dice_mean": dm, "dice_sd": ds,
                          "rdice_mean": rm, "rdice_sd": rsd, "n_cases": n}
     cases = [{"case_id": cid, "mean_dice": mean_score([r["dice"] for r in rs]),
@@ -97,7 +97,7 @@ def _plot_dice(summary: Mapping) -> bytes:
     names = list(summary["per_class"])
     c = summary["per_class"]
     x = np.arange(len(names))
-    fig = _figure(max(6.5, 0.7 * len(names) + 2), 3.8)
+    fig = new_figure(max(6.5, 0.7 * len(names) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     for off, key, label in ((-0.2, "dice", "Dice"), (0.2, "rdice", f"RDice (r={summary['rdice_radius_voxels']})")):
         m = np.array([c[n][f"{key}_mean"] for n in names], dtype=float)
@@ -109,7 +109,7 @@ def _plot_dice(summary: Mapping) -> bytes:
     ax.set_title(f"per-class Dice, {summary['n_cases']} cases")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _case_id_of(uri: str, suffix: str) -> str:
@@ -207,8 +207,8 @@ def _segmentation_md(m: Mapping) -> list[str]:
            f"classes: {m['classes']}.", "",
            "Dice (the paper's Eq. 14) per class: MONAI `compute_dice`. RDice (Eq. 15): the prediction restricted to the "
            f"ground truth dilated by a ball of {m['rdice_radius_voxels']} voxels. {m['empty_rule'].capitalize()}.", "",
-           _md_table(head, rows), "", "![per-class Dice](dice_per_class.png)", "", "## Per case", "",
-           _md_table(["case", "mean Dice", "mean RDice"], case_rows)]
+           markdown_table(head, rows), "", "![per-class Dice](dice_per_class.png)", "", "## Per case", "",
+           markdown_table(["case", "mean Dice", "mean RDice"], case_rows)]
     if m.get("missing_predictions"):
         out += ["", f"Cases without a prediction (skipped): {', '.join(m['missing_predictions'])}"]
     return out

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fcas.evaluation.report import EvaluateSettings, _figure, _fmt, _md_table, _png, _stats, write_report
+from fcas.evaluation.report import EvaluateSettings, new_figure, format_number, markdown_table, figure_png, mean_sd, write_report
 from fcas.io import manifest, nifti, storage
 from fcas.metrics.fid import VAEEncoderFeatures, fid, lpips, make_lpips
 from fcas.metrics.image import rmse, ssim
@@ -86,12 +86,12 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _plot_cm(points: tuple[np.ndarray, np.ndarray], binned: list[dict], pearson: float) -> bytes:
-    fig = _figure(10, 3.8)
+    fig = new_figure(10, 3.8)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ax1.scatter(points[0], points[1], s=2, alpha=0.15, lw=0)
     ax1.set_xlabel("SSV confidence")
     ax1.set_ylabel("|synth - target| (unit scale)")
-    ax1.set_title(f"voxels (subsample {points[0].size}); Pearson {_fmt(pearson, 3)}")
+    ax1.set_title(f"voxels (subsample {points[0].size}); Pearson {format_number(pearson, 3)}")
     ok = [b for b in binned if b["n_voxels"]]
     mid = [(b["lo"] + b["hi"]) / 2 for b in ok]
     ax2.errorbar(mid, [b["mean_abs_error"] for b in ok], yerr=[b["sd_abs_error"] for b in ok], marker="o", capsize=3)
@@ -103,7 +103,7 @@ def _plot_cm(points: tuple[np.ndarray, np.ndarray], binned: list[dict], pearson:
     ax2.set_title("error per confidence bin (voxel counts)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _unit(hu: np.ndarray) -> np.ndarray:
@@ -236,15 +236,15 @@ def evaluate_synthesis(s: EvaluateSettings, features: VAEEncoderFeatures | None 
     per_sample.sort(key=lambda r: r["sample_id"])
     rejects.sort(key=lambda r: r["sample_id"])
     cx, ce = np.concatenate(pts[0]), np.concatenate(pts[1])
-    ssim_m, ssim_sd, _ = _stats([r["ssim"] for r in per_sample])
-    rmse_m, rmse_sd, _ = _stats([r["rmse"] for r in per_sample])
+    ssim_m, ssim_sd, _ = mean_sd([r["ssim"] for r in per_sample])
+    rmse_m, rmse_sd, _ = mean_sd([r["rmse"] for r in per_sample])
     summary = {
         "mode": "synthesis", "run": s.run, "templates": lib_uri, "target": s.target, "mask": s.mask,
         "n_samples": len(per_sample), "ssim_win": s.ssim_win,
         "ssim_mean": ssim_m, "ssim_sd": ssim_sd, "rmse_mean": rmse_m, "rmse_sd": rmse_sd,
         "rmse_unit": "unit intensity scale [0, 1] (x 2000 = HU)",
         "fid": fid_block,
-        "lpips": ({"mean": _stats([r["lpips"] for r in per_sample])[0], "weights": s.lpips_weights}
+        "lpips": ({"mean": mean_sd([r["lpips"] for r in per_sample])[0], "weights": s.lpips_weights}
                   if ctx.lp_net is not None else "not computed: no LPIPS backbone weights configured (lpips_weights)"),
         "confidence_vs_error": {"region": s.cm_region, "n_voxels": int(streamed.sums[0]),
                                 "pearson": streamed.pearson(), "spearman_subsample": _spearman(cx, ce),
@@ -276,8 +276,8 @@ def evaluate_pairs(images, targets, masks=None, features: VAEEncoderFeatures | N
     ss = [ssim(a, b, m, win_size=win_size) for a, b, m in zip(images, targets, masks)]
     rr = [rmse(a, b, m) for a, b, m in zip(images, targets, masks)]
     out = {"ssim": ss, "rmse": rr, "fid": None, "features": None}
-    out["ssim_mean"], out["ssim_sd"], _ = _stats(ss)
-    out["rmse_mean"], out["rmse_sd"], _ = _stats(rr)
+    out["ssim_mean"], out["ssim_sd"], _ = mean_sd(ss)
+    out["rmse_mean"], out["rmse_sd"], _ = mean_sd(rr)
     if features is not None and len(images) >= 2:
         enc = lambda vols: torch.stack([features(torch.as_tensor(np.asarray(v), dtype=torch.float32)[None, None])[0]  # noqa: E731
                                         for v in vols])
@@ -289,9 +289,9 @@ def _synthesis_md(m: Mapping) -> list[str]:
     f, cm = m["fid"], m["confidence_vs_error"]
     mask = "the sample's label voxels (label > 0)" if m["mask"] == "label" else "the whole volume"
     head = [["samples", "SSIM", "RMSE", "FID", "LPIPS"],
-            [[m["n_samples"], f"{_fmt(m['ssim_mean'])} ± {_fmt(m['ssim_sd'])}",
-              f"{_fmt(m['rmse_mean'])} ± {_fmt(m['rmse_sd'])}", f["value"],
-              _fmt(m["lpips"]["mean"]) if isinstance(m["lpips"], dict) else "not computed"]]]
+            [[m["n_samples"], f"{format_number(m['ssim_mean'])} ± {format_number(m['ssim_sd'])}",
+              f"{format_number(m['rmse_mean'])} ± {format_number(m['rmse_sd'])}", f["value"],
+              format_number(m["lpips"]["mean"]) if isinstance(m["lpips"], dict) else "not computed"]]]
     out = ["# Synthesis image quality", "",
            f"Run `{m['run']}`, {m['n_samples']} samples against their **{m['target']}** image "
            f"(library `{m['templates']}`). SSIM (MONAI, Gaussian window {m['ssim_win']}) and RMSE in unit "
@@ -299,23 +299,23 @@ def _synthesis_md(m: Mapping) -> list[str]:
            ("The template is not a ground truth: the sample's anatomy is a deformed reference mask, so these "
             "figures measure how closely samples follow their template, not fidelity." if m["target"] == "template"
             else "The reference image is the ground truth only where MGM left the reference mask unchanged."), "",
-           _md_table(*head), "",
+           markdown_table(*head), "",
            f"**FID feature network:** {f['features']}. Synthesized set {f['n_synth']} volumes vs real set "
            f"{f['n_real']} library cases (splits: {f['real_splits']}). These FIDs are not comparable with the "
            "paper's (other features, tiny sets).", ""]
     if "real_vs_real" in f:
         out += [f"Real-vs-real FID at these set sizes ({f['real_vs_real']['sets']}): "
-                f"{_fmt(f['real_vs_real']['value'])} (the floor the synthesized set is measured against).", ""]
+                f"{format_number(f['real_vs_real']['value'])} (the floor the synthesized set is measured against).", ""]
     if not isinstance(m["lpips"], dict):
         out += [f"LPIPS: {m['lpips']}.", ""]
     out += ["## Confidence vs error", "",
             f"Per voxel |synth - {m['target']}| against the SSV confidence over {cm['region']} voxels "
-            f"({cm['n_voxels']}): Pearson {_fmt(cm['pearson'])} (every voxel of the region), Spearman {_fmt(cm['spearman_subsample'])} "
+            f"({cm['n_voxels']}): Pearson {format_number(cm['pearson'])} (every voxel of the region), Spearman {format_number(cm['spearman_subsample'])} "
             f"(subsample of {cm['subsample_voxels']}). Negative = low confidence where the errors are.", "",
-            _md_table(["confidence", "voxels", "mean abs error", "sd"],
+            markdown_table(["confidence", "voxels", "mean abs error", "sd"],
                       [[f"[{b['lo']:.2f}, {b['hi']:.2f})", b["n_voxels"], b["mean_abs_error"], b["sd_abs_error"]]
                        for b in cm["bins"]]), "", "![confidence vs error](cm_vs_error.png)", "", "## Per sample", "",
-            _md_table(["sample", "template", "reference", "SSIM", "RMSE", "mask voxels"],
+            markdown_table(["sample", "template", "reference", "SSIM", "RMSE", "mask voxels"],
                       [[r["sample_id"], r["template_id"], r["reference_id"], r["ssim"], r["rmse"], r["mask_voxels"]]
                        for r in m["per_sample"]])]
     if m["rejects"]:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from fcas.cal.data import load_synthetic_batch, synthetic_rows
 from fcas.cal.training import CALSettings, train_cal_loop
 from fcas.pipeline.ray_env import ensure_ray
-from fcas.pipeline.train_tcdm import _inject_failure, _plain, worker_hooks
+from fcas.pipeline.train_tcdm import inject_failure, plain_config, worker_hooks
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def cal_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> CALSettings:
     from fcas.pipeline.jobs import check_job_config
 
     check_job_config(cfg, "pretrain_cal")
-    c = _plain(cfg)
+    c = plain_config(cfg)
     preset = c["preset"]
     net = {k: v for k, v in (c.get("segnet") or {}).items() if k != "name"}
     net["name"] = (c.get("segnet") or {}).get("name", preset.get("name", "custom"))
@@ -91,7 +91,7 @@ def _shard_batches(batch_size: int):
 def _cal_worker(config: dict) -> None:
     settings = CALSettings.from_dict(config["settings"])
     rank, world, device, wrap, report = worker_hooks()
-    report = _inject_failure(report, settings.out, config.get("fail_at_step"), rank)
+    report = inject_failure(report, settings.out, config.get("fail_at_step"), rank)
     stream = _shard_batches(settings.train.batch_size) if config.get("stream") else None
     summary = train_cal_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap, report=report,
                              synthetic_batches=stream, progress=config.get("progress", True))
@@ -144,7 +144,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     # Ray Train workers run in their own directory: resolve relative paths here, on the driver
     settings = replace(settings, syn=absolute(settings.syn), real=absolute(settings.real),
                        out=absolute(settings.out), train=replace(settings.train, val=absolute(settings.train.val)))
-    c = _plain(cfg)
+    c = plain_config(cfg)
     tr, dc = c.get("trainer") or {}, c.get("data") or {}
     fit_cal(
         settings,

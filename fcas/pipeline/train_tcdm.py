@@ -46,7 +46,7 @@ __all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "cases_datase
 REPORT_EVERY = 20  # steps between metric reports to Ray Train (checkpoint steps always report)
 
 
-def _plain(cfg) -> dict:
+def plain_config(cfg) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)
@@ -57,7 +57,7 @@ def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:
     from fcas.pipeline.jobs import check_job_config
 
     check_job_config(cfg, "train_tcdm")
-    c = _plain(cfg)
+    c = plain_config(cfg)
     preset = c["preset"]
     train = dict(c.get("train") or {})
     if train.get("crop") is None and preset.get("train_crop") is not None:
@@ -156,7 +156,7 @@ def buffer_size(requested: int, n_cases: int, num_workers: int, minimum: int) ->
     return max(minimum, min(int(requested), n_cases // max(1, num_workers)))
 
 
-def _inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: int) -> Callable:
+def inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: int) -> Callable:
     """Fault injection for restart tests (``trainer.fail_at_step``): every rank raises once, after
     reporting that step; a marker in ``out`` keeps the restarted attempt from failing again."""
     if not fail_at_step:
@@ -179,7 +179,7 @@ def _inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: 
 def _tcdm_worker(config: dict) -> None:
     settings = TCDMSettings.from_dict(config["settings"])
     rank, world, device, wrap, report = worker_hooks()
-    report = _inject_failure(report, settings.out, config.get("fail_at_step"), rank)
+    report = inject_failure(report, settings.out, config.get("fail_at_step"), rank)
     summary = train_tcdm_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
                               report=report, progress=config.get("progress", True), case_stream=shard_cases)
     if summary["steps_run"] == 0:  # nothing left to train: still tell Ray where things stand
@@ -235,7 +235,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     tc = replace(settings.train, latent_cache=absolute(settings.train.latent_cache))
     settings = replace(settings, data=absolute(settings.data), out=absolute(settings.out),
                        vae=absolute(settings.vae), init=absolute_init(settings.init), train=tc)
-    c = _plain(cfg)
+    c = plain_config(cfg)
     tr = c.get("trainer") or {}
     workers = int(tr.get("num_workers", 2))
     rows = case_rows(settings.data, "train")

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from fcas.models.vae_training import VAESettings, train_vae_loop
 from fcas.diffusion.data import case_rows
 from fcas.pipeline.ray_env import ensure_ray
-from fcas.pipeline.train_tcdm import _plain, buffer_size, cases_dataset, fit, shard_cases, worker_hooks
+from fcas.pipeline.train_tcdm import plain_config, buffer_size, cases_dataset, fit, shard_cases, worker_hooks
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def vae_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> VAESettings:
     from fcas.pipeline.jobs import check_job_config
 
     check_job_config(cfg, "train_vae")
-    c = _plain(cfg)
+    c = plain_config(cfg)
     preset, train = c["preset"], dict(c.get("train") or {})
     if train.get("crop") is None and preset.get("train_crop") is not None:
         train["crop"] = preset["train_crop"]
@@ -55,7 +55,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     # Ray Train workers run in their own directory: resolve relative paths here, on the driver
     settings = replace(settings, data=absolute(settings.data), out=absolute(settings.out),
                        train=replace(settings.train, val_data=absolute(settings.train.val_data)))
-    tr = _plain(cfg).get("trainer") or {}
+    tr = plain_config(cfg).get("trainer") or {}
     workers = int(tr.get("num_workers", 2))
     ensure_ray(tr.get("address"))
     rows = case_rows(settings.data, "train")

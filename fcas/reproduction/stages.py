@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
-
-from fcas.evaluation.report import json_safe
+from fcas.evaluation.report import json_safe, mean_sd
 from fcas.io import storage
 from fcas.reproduction.settings import ReproduceSettings
 
@@ -80,11 +77,3 @@ def run_stage(work: str, name: str, fn: Callable[[], dict], key: str | None = No
     log_event(work, {"stage": name, "event": "ran", "seconds": rec["seconds"], "at": time.time()})
     log.info("reproduce: stage %s done in %.1f s", name, rec["seconds"])
     return rec
-
-
-def mean_sd(values: Sequence[float | None]) -> tuple[float, float, int]:
-    """(mean, sample sd with ddof=1, count) of the finite values; (nan, nan, 0) when there are none."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if not v.size:
-        return math.nan, math.nan, 0
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
