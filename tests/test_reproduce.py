@@ -98,6 +98,17 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
     assert second < first
     print(f"reproduce smoke: first run {first:.1f} s, cached rerun {second:.1f} s; stages {out['stages']}")
 
+    # a report written while the run goes on: Tables 3 and 4 over the seeds whose every arm finished
+    from fcas.pipeline.reproduce import settings_from_cfg
+    from fcas.reproduction import render_results
+
+    settings, used = settings_from_cfg(cfg)
+    stages = {p.stem: json.loads(p.read_text()) for p in (work / "stages").glob("*.json")}
+    stages.pop(f"seg_plain_seed{seeds[-1]}")
+    partial = Path(render_results(settings, stages, used)).read_text()
+    sec = _section(partial, "## Table 3")
+    assert f"**Partial**: seed(s) {seeds[:-1]} of {seeds}" in sec and "Table 4, mean Dice CAL > plain: the " in partial
+
 
 def test_stage_cache_runs_once(tmp_path):
     calls = []

@@ -6,7 +6,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,10 +26,16 @@ def plus_minus(m: float, sd: float, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
-def verdict(better: float, worse: float, sd_b: float, sd_w: float, higher_is_better: bool = True) -> str:
+def verdict(better: float, worse: float, sd_b: float, sd_w: float, higher_is_better: bool = True,
+            n_seeds: int = 2) -> str:
+    """The mechanical reading of one direction: reproduced only when the difference of the means exceeds the
+    larger seed sd; with one seed there is no spread, so only the sign is reported."""
     d = (better - worse) if higher_is_better else (worse - better)
     if not (math.isfinite(d) and math.isfinite(sd_b) and math.isfinite(sd_w)):
         return "not measurable"
+    if n_seeds < 2:
+        return (f"{'the same' if d > 0 else 'the opposite'} sign on one seed ({d:+.3f}); no verdict without a "
+                "spread over seeds")
     spread = max(sd_b, sd_w)
     if d > spread:
         return "reproduced (difference larger than the seed spread)"
@@ -170,9 +176,9 @@ def _table1_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str) -> tu
           "", f"![Table 1]({rel}/table1.png)", ""]
     tm = {k: mean_sd(t1["template"][k]) for k in t1["template"]}
     mm = {k: mean_sd(t1["mask_only"][k]) for k in t1["mask_only"]}
-    V = [f"- Table 1, SSIM template > mask-only: {verdict(tm['ssim'][0], mm['ssim'][0], tm['ssim'][1], mm['ssim'][1])}.",
-         f"- Table 1, RMSE template < mask-only: {verdict(tm['rmse'][0], mm['rmse'][0], tm['rmse'][1], mm['rmse'][1], False)}.",
-         f"- Table 1, FID template < mask-only: {verdict(tm['fid'][0], mm['fid'][0], tm['fid'][1], mm['fid'][1], False)}."]
+    V = [f"- Table 1, SSIM template > mask-only: {verdict(tm['ssim'][0], mm['ssim'][0], tm['ssim'][1], mm['ssim'][1], n_seeds=len(s.seeds))}.",
+         f"- Table 1, RMSE template < mask-only: {verdict(tm['rmse'][0], mm['rmse'][0], tm['rmse'][1], mm['rmse'][1], False, n_seeds=len(s.seeds))}.",
+         f"- Table 1, FID template < mask-only: {verdict(tm['fid'][0], mm['fid'][0], tm['fid'][1], mm['fid'][1], False, n_seeds=len(s.seeds))}."]
     return L, {"table1.png": _plot_table1(t1)}, V
 
 
@@ -196,15 +202,21 @@ def _oracles_md(o: Mapping[str, Any], s: ReproduceSettings) -> list[str]:
 def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary: str) -> tuple[list[str], dict, list[str]]:
     h3 = ["## Table 3 direction: real only vs synthetic pretraining + fine-tuning", ""]
     h4 = ["## Table 4 direction: plain loss vs CAL pretraining (equal budget)", ""]
-    if "synthesis" not in stages or not all(f"seg_{a}_seed{k}" in stages for a in ARMS for k in s.seeds):
-        na = ["Not run in this invocation (`stop_after`); no figures.", ""]
+    done = tuple(k for k in s.seeds if all(f"seg_{a}_seed{k}" in stages for a in ARMS))
+    if "synthesis" not in stages or not done:
+        na = ["Not run in this invocation (`stop_after`, or still running); no figures.", ""]
         return h3 + na + h4 + na, {}, []
+    partial = []
+    if len(done) < len(s.seeds):   # a report written while the run goes on: the seeds whose every arm finished
+        partial = [f"> **Partial**: seed(s) {list(done)} of {list(s.seeds)} have finished every arm; Tables 3 and 4 "
+                   "show those only (rerun `make reproduce`: it resumes the rest).", ""]
+        s = replace(s, seeds=done)
     seg = {arm: _seg_stats(stages, arm, s.seeds, coronary) for arm in ARMS}
     syn = stages["synthesis"]["result"]
     n_syn = syn.get("n_written")
     aug = ("MONAI augmentation (affine, intensity, noise; no flips: a mirrored heart swaps left and right classes)"
            if s.augment.get("enabled", True) else "no augmentation")
-    L = h3 + [
+    L = h3 + partial + [
         f"Segmentation net: MONAI DynUNet {dict(s.segnet) or '(default)'}, batch {s.batch_size}"
         f"{f' of random {s.crop} crops (inference: sliding window of that size)' if s.crop else ''}, {aug}, AdamW. "
         + (_stopping_md(s, stages) if s.val_every else
@@ -237,10 +249,10 @@ def _seg_md(s: ReproduceSettings, stages: Mapping[str, dict], rel: str, coronary
                  f"{plus_minus(*g['cor_rdice'][:2])} |")
     L.append("")
     c, r, p = seg["cal"], seg["real_only"], seg["plain"]
-    V = [f"- Table 3, coronary Dice real+syn > real only: {verdict(c['cor_dice'][0], r['cor_dice'][0], c['cor_dice'][1], r['cor_dice'][1])}.",
-         f"- Table 3, substructure Dice real+syn > real only: {verdict(c['sub_dice'][0], r['sub_dice'][0], c['sub_dice'][1], r['sub_dice'][1])}.",
-         f"- Table 4, mean Dice CAL > plain: {verdict(c['mean_dice'][0], p['mean_dice'][0], c['mean_dice'][1], p['mean_dice'][1])}.",
-         f"- Table 4, coronary Dice CAL > plain: {verdict(c['cor_dice'][0], p['cor_dice'][0], c['cor_dice'][1], p['cor_dice'][1])}."]
+    V = [f"- Table 3, coronary Dice real+syn > real only: {verdict(c['cor_dice'][0], r['cor_dice'][0], c['cor_dice'][1], r['cor_dice'][1], n_seeds=len(s.seeds))}.",
+         f"- Table 3, substructure Dice real+syn > real only: {verdict(c['sub_dice'][0], r['sub_dice'][0], c['sub_dice'][1], r['sub_dice'][1], n_seeds=len(s.seeds))}.",
+         f"- Table 4, mean Dice CAL > plain: {verdict(c['mean_dice'][0], p['mean_dice'][0], c['mean_dice'][1], p['mean_dice'][1], n_seeds=len(s.seeds))}.",
+         f"- Table 4, coronary Dice CAL > plain: {verdict(c['cor_dice'][0], p['cor_dice'][0], c['cor_dice'][1], p['cor_dice'][1], n_seeds=len(s.seeds))}."]
     return L, _plot_seg(s, seg, stages), V
 
 
