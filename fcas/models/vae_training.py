@@ -30,7 +30,7 @@ from fcas.models.optim import SCHEDULES, lr_at
 from fcas.models.checkpoint import config_hash, load_into, no_report
 from fcas.models.networks import VAEConfig, build_vae
 from fcas.models.vae import compute_scale_factor, vae_loss, vae_decode, vae_encode
-from fcas.models.networks import set_activation_checkpointing
+from fcas.models.networks import jsonable, set_activation_checkpointing
 from fcas.training.loop import TrainingRun, amp_context, check_amp_dtype, grad_scaler
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def train_vae_loop(
     torch.manual_seed(tc.seed)
     vae = build_vae(settings.vae).to(device)
     disc = _discriminator().to(device) if tc.adv_weight > 0 else None
-    vae_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings.vae).items()}
+    vae_dict = jsonable(asdict(settings.vae))
     run = TrainingRun("train_vae", settings.out, tc.steps, arch=vae_dict,
                       arch_of=lambda c: (c.get("model") or {}).get("vae"), what="VAE architecture", rank=rank,
                       world_size=world_size, report=report, keep=tc.keep_checkpoints, every=tc.checkpoint_every,

@@ -30,6 +30,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 import torch
 
 from fcas.io import storage
+from fcas.models.networks import jsonable
 from fcas.models.checkpoint import (Checkpoint, checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
                                     load_checkpoint, no_report, save_checkpoint)
 
@@ -96,7 +97,7 @@ class TrainingRun:
         if latest is None:
             return None
         ck = load_checkpoint(latest)
-        if config_hash({"a": _plain(self.arch_of(ck.config))}) != config_hash({"a": _plain(self.arch)}):
+        if config_hash({"a": jsonable(self.arch_of(ck.config))}) != config_hash({"a": jsonable(self.arch)}):
             raise ValueError(f"checkpoint {latest} was trained with a different {self.what}; "
                              f"use another out= or the same settings")
         self.start = ck.step
@@ -163,11 +164,3 @@ class TrainingRun:
         return {"start_step": self.start, "final_step": max(self.start, self.total), "steps_run": self.steps_run,
                 "last_loss": self.last_loss, "seconds": time.perf_counter() - self._t0, **extra}
 
-
-def _plain(x: Any) -> Any:
-    """Tuples as lists, so an architecture read back from JSON compares equal to the settings'."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
