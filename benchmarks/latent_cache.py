@@ -5,7 +5,7 @@
 
 One process. The cache is built first by the job itself (:func:`fcas.pipeline.cache_latents.run_cache_latents`,
 local Ray, one encoder actor; its time is reported apart, a one-off cost). Then both paths run the job's
-streamed loop (:func:`fcas.diffusion.training.train_tcdm_loop` with ``case_stream=``, a buffer of
+streamed loop (:func:`fcas.training.tcdm.train_tcdm_loop` with ``case_stream=``, a buffer of
 ``train.buffer_cases`` cases, one slot refilled per step), interleaved: ``--rounds`` rounds of ``--steps``
 steps each, the order of the two paths alternating, so that the load of a shared machine falls on both.
 
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fcas.diffusion.data import case_rows, load_cases  # noqa: E402
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_batch  # noqa: E402
-from fcas.diffusion.training import TCDMSettings, train_tcdm_loop  # noqa: E402
+from fcas.training.tcdm import TCDMSettings, train_tcdm_loop  # noqa: E402
 from fcas.labels import read_config  # noqa: E402
 from fcas.models.bundle import vae_digest  # noqa: E402
 from fcas.presets import load_preset  # noqa: E402

@@ -41,7 +41,7 @@ from fcas.diffusion.conditioning import build_c_raw, unit_to_hu  # noqa: E402
 from fcas.diffusion.data import load_cases  # noqa: E402
 from fcas.diffusion.sampling import decode_latent, sample  # noqa: E402
 from fcas.diffusion.ssv import normalize_variance, ssv_variance  # noqa: E402
-from fcas.models.bundle import load_tcdm  # noqa: E402
+from fcas.diffusion.bundle import load_tcdm  # noqa: E402
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:

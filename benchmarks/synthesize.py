@@ -164,7 +164,7 @@ def ssv_and_cache(preset: str, steps: int, every: int, inputs: list[dict]) -> di
 
 
 def driver_rss(ns: list[int], workdir: Path) -> dict:
-    from fcas.diffusion.training import smoke_checkpoint
+    from fcas.training.tcdm import smoke_checkpoint
 
     ckpt = smoke_checkpoint(str(workdir / "tiny-ckpt"))
     out = {}

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fcas.diffusion.conditioning import build_c_raw  # noqa: E402
 from fcas.diffusion.data import load_cases  # noqa: E402
 from fcas.diffusion.sampling import decode_latent, sample  # noqa: E402
-from fcas.models.bundle import load_tcdm, load_vae  # noqa: E402
+from fcas.diffusion.bundle import load_tcdm  # noqa: E402
+from fcas.models.bundle import load_vae  # noqa: E402
 from fcas.models.networks import VAEConfig  # noqa: E402
 from fcas.models.vae import sliding_window_decode, vae_decode, vae_encode  # noqa: E402
 

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     if a.ckpt:
-        from fcas.models.bundle import load_tcdm
+        from fcas.diffusion.bundle import load_tcdm
 
         bundle = load_tcdm(a.ckpt)
         model, vae, sf, shape, cond = bundle.model, bundle.vae, bundle.scale_factor, bundle.shape, bundle.condition

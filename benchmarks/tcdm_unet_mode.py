@@ -22,8 +22,8 @@ from fcas.diffusion.conditioning import build_c_raw  # noqa: E402
 from fcas.diffusion.data import load_cases  # noqa: E402
 from fcas.diffusion.losses import bidirectional_loss  # noqa: E402
 from fcas.diffusion.schedulers import build_train_scheduler  # noqa: E402
-from fcas.diffusion.training import TCDMSettings, train_tcdm_loop  # noqa: E402
-from fcas.models.bundle import load_tcdm  # noqa: E402
+from fcas.training.tcdm import TCDMSettings, train_tcdm_loop  # noqa: E402
+from fcas.diffusion.bundle import load_tcdm  # noqa: E402
 from fcas.models.checkpoint import latest_checkpoint  # noqa: E402
 from fcas.models.vae import vae_encode  # noqa: E402
 

@@ -40,12 +40,12 @@ def _worker(config: dict) -> None:
     rank, world, device, wrap, report = worker_hooks()
     stream = shard_cases if config["mode"] == "new" else None
     if config["model"] == "tcdm":
-        from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+        from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
 
         train_tcdm_loop(TCDMSettings.from_dict(config["settings"]), rank=rank, world_size=world, device=device,
                         wrap_model=wrap, report=report, progress=False, case_stream=stream)
     else:
-        from fcas.models.vae_training import VAESettings, train_vae_loop
+        from fcas.training.vae import VAESettings, train_vae_loop
 
         train_vae_loop(VAESettings.from_dict(config["settings"]), rank=rank, world_size=world, device=device,
                        wrap_model=wrap, report=report, progress=False, case_stream=stream)
@@ -73,12 +73,12 @@ def child(model: str, n: int, mode: str, steps: int, grid: int, workers: int, tm
     train = {"steps": steps, "checkpoint_every": steps, "crop": [32, 32, 32], "scale_factor_cases": 2,
              "buffer_cases": buffer_size(8, n, workers, 2)}
     if model == "tcdm":
-        from fcas.diffusion.training import TCDMSettings
+        from fcas.training.tcdm import TCDMSettings
 
         arch.pop("name", None)
         settings = TCDMSettings.from_dict({**common, "model": arch, "train": {**train, "batch_pairs": 1}})
     else:
-        from fcas.models.vae_training import VAESettings
+        from fcas.training.vae import VAESettings
 
         settings = VAESettings.from_dict({**common, "model_name": "tiny", "vae": arch["vae"],
                                           "train": {**train, "batch_size": 1}})

@@ -15,7 +15,7 @@ that must not carry credentials.
   with a ``user:password@`` part, ``Bearer`` tokens, and ``${oc.env:...}`` interpolations of
   credential variables. :func:`credential_overrides` / :func:`refuse_credential_overrides` do the
   same on raw command-line overrides, before Hydra can echo them (every ``jobs/*.py`` runs it, see
-  :func:`fcas.pipeline.cli.user_errors`). Credentials come from the environment only (see
+  :func:`fcas.cli.user_errors`). Credentials come from the environment only (see
   :mod:`fcas.io.storage`); the errors name the config path or override key, never the value.
 
 Hand-written: nothing in MONAI, fsspec or Hydra does these checks.

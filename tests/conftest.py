@@ -148,7 +148,7 @@ def ray_local(s3_server):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """URI of a TCDM checkpoint folder at the tiny preset, trained for 2 steps on phantoms."""
-    from fcas.diffusion.training import smoke_checkpoint
+    from fcas.training.tcdm import smoke_checkpoint
 
     return smoke_checkpoint(str(tmp_path_factory.mktemp("tcdm-tiny")))
 

@@ -15,7 +15,7 @@ import pytest
 from fcas.deform.stage import MGMStage
 from fcas.io.nifti import NiftiError, read_nifti
 from fcas.labels import default_schema
-from fcas.models.bundle import load_tcdm
+from fcas.diffusion.bundle import load_tcdm
 from fcas.models.checkpoint import load_checkpoint
 from fcas.pipeline.prepare import PrepareCase, PrepareJob, list_sources
 from fcas.prepare import CaseRejected, PrepareSettings, load_case

@@ -9,7 +9,7 @@ from monai.losses import DiceCELoss
 from fcas.cal import cal_loss, load_predictor, load_segnet
 from fcas.cal.data import (AugmentConfig, augment_batch, build_augment, class_lut, load_finetune_set, load_sample,
                            local_synthetic_batches, synthetic_rows)
-from fcas.cal.training import CALSettings, read_metrics, train_cal_loop
+from fcas.training.cal import CALSettings, read_metrics, train_cal_loop
 from fcas.io.nifti import NiftiError
 from fcas.models.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from fcas.presets import load_preset
@@ -172,7 +172,7 @@ def test_loop_resume_is_bit_exact(syn12, tmp_path):
 def test_fine_tuning_stops_early_on_validation_and_keeps_the_best(tmp_path):
     """lr 0: the validation Dice can never improve after the first check, so with patience 2 fine-tuning
     stops at the third validation (step 6 of 12), out/best holds step 2, and a rerun trains nothing."""
-    from fcas.cal.training import BEST, VAL_FILE
+    from fcas.training.cal import BEST, VAL_FILE
 
     s = _settings(None, tmp_path, 0, 12, finetune_lr=0.0, val="phantom:2@700", val_every=2, patience=2,
                   checkpoint_every=100)

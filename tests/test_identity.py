@@ -1,10 +1,10 @@
 """The run identity file (fcas.synthesis.identity) on its own: record once, accept the same, refuse a
-difference by name, and the one-line ending of a job (fcas.pipeline.cli)."""
+difference by name, and the one-line ending of a job (fcas.cli)."""
 import json
 
 import pytest
 
-from fcas.pipeline.cli import user_errors
+from fcas.cli import user_errors
 from fcas.synthesis.identity import IDENTITY_FILE, check_identity, identity_diff, library_digest
 from fcas.synthesis.plan import CaseRef, TemplateLibrary
 

@@ -17,7 +17,7 @@ import torch
 from fcas.diffusion.conditioning import hu_to_unit
 from fcas.diffusion.data import CaseArrays, load_cases, pair_batch
 from fcas.diffusion.latent_cache import MANIFEST, check_latent_cache, read_cached_case, read_latent_cache
-from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
 from fcas.io import manifest
 from fcas.models.bundle import load_vae, vae_digest
 from fcas.models.checkpoint import checkpoint_digest, load_checkpoint, save_checkpoint

@@ -1,5 +1,8 @@
-"""Ray and Hydra stay at the edges: only fcas/pipeline may import them (docs/architecture.md)."""
+"""The library's layering (docs/architecture.md): Ray and Hydra stay at the edges (only fcas/pipeline
+imports them), no private name is borrowed across modules, and the packages import each other without
+cycles (function-level imports included: a lazy import hides a cycle, it does not remove it)."""
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,64 @@ def _private_imports(path: Path) -> list[str]:
 def test_no_private_name_is_imported_across_modules(path):
     bad = _private_imports(path)
     assert not bad, f"{path} imports private names {bad}; make them public where they are defined"
+
+
+def _unit(path: Path) -> str:
+    """The package a module belongs to (``fcas/diffusion/x.py`` -> ``diffusion``; ``fcas/cli.py`` -> ``cli``)."""
+    rel = path.relative_to(PKG).parts
+    return rel[0].removesuffix(".py")
+
+
+def package_graph() -> dict[str, dict[str, set[str]]]:
+    """``graph[a][b]``: the modules of package ``a`` that import from package ``b`` (any import in the file)."""
+    graph: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for path in sorted(PKG.rglob("*.py")):
+        src = _unit(path)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"fcas.{a.name}" for a in node.names] if node.module == "fcas" else [node.module]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "fcas" and len(parts) > 1 and parts[1] != src:
+                    graph[src][parts[1]].add(str(path.relative_to(PKG)))
+    return graph
+
+
+def find_cycle(graph) -> list[str] | None:
+    """One cycle ``[a, b, ..., a]`` of the directed graph, or None (depth-first search)."""
+    state: dict[str, int] = {}   # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(graph.get(v, ())):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        path.pop()
+        state[v] = 2
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle_and_accepts_a_dag():
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": 1, "c": 1}, "b": {"c": 1}, "c": {}}) is None
+
+
+def test_packages_import_each_other_without_cycles():
+    graph = package_graph()
+    assert {"models", "diffusion", "pipeline", "synthesis"} <= set(graph)   # the graph sees the library
+    cycle = find_cycle(graph)
+    assert cycle is None, "package cycle " + " -> ".join(cycle) + ": " + "; ".join(
+        f"{a}->{b} in {sorted(graph[a][b])}" for a, b in zip(cycle, cycle[1:]))

@@ -13,9 +13,9 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 
 from fcas.diffusion.conditioning import ConditionConfig
 from fcas.diffusion.sampling import sample
-from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
 from fcas.config_files import read_config
-from fcas.models.bundle import load_tcdm
+from fcas.diffusion.bundle import load_tcdm
 from fcas.models.maisi import load_maisi_init, parse_init
 from fcas.models.networks import ModelConfig, build_tcdm, maisi_inputs
 

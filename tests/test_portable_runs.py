@@ -14,7 +14,7 @@ import pytest
 
 from fcas.export.nnunet import ExportSettings, export_nnunet
 from fcas.io import manifest, storage
-from fcas.io.datalist import run_datalist, run_dataset, write_datalist
+from fcas.synthesis.datalist import run_datalist, run_dataset, write_datalist
 from fcas.phantom import make_case
 from fcas.synthesis.outputs import (SYNTHESIS_SCHEMA, URI_COLUMNS, finished_ids, read_run_manifest, sample_name,
                                     write_sample, write_shard)
@@ -135,7 +135,7 @@ def test_a_run_uploaded_to_s3_reads_exports_and_loads_there(run, on_s3, tmp_path
 def test_datalist_json_stays_valid_when_the_run_moves(run, tmp_path, capsys):
     from monai.data import load_decathlon_datalist
 
-    from fcas.io.datalist import main
+    from fcas.synthesis.datalist import main
 
     first, second = tmp_path / "first", tmp_path / "second"
     shutil.copytree(run, first)

@@ -171,7 +171,7 @@ def test_a_disk_full_while_preparing_fails_the_job_instead_of_becoming_a_reject(
 
 def test_a_storage_error_ends_a_job_with_one_line_and_status_1(capsys):
     from fcas.io.storage import StorageError
-    from fcas.pipeline.cli import user_errors
+    from fcas.cli import user_errors
 
     @user_errors("prepare")
     def main(cfg):

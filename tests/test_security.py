@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from fcas.io import storage
 from fcas.labels import default_schema, read_config
-from fcas.models.bundle import load_tcdm
+from fcas.diffusion.bundle import load_tcdm
 from fcas.models.checkpoint import checkpoint_digest, save_checkpoint
 from fcas.pipeline.jobs import prepare_job_from_cfg, synthesis_job_from_cfg
 from fcas.pipeline.prepare import PrepareJob, list_sources
@@ -103,7 +103,7 @@ def tcdm_ckpt(tmp_path_factory) -> str:
     import torch
 
     from fcas.diffusion.conditioning import ConditionConfig
-    from fcas.diffusion.training import TCDMSettings
+    from fcas.training.tcdm import TCDMSettings
     from fcas.models.networks import ModelConfig, build_tcdm, build_vae
     from fcas.presets import load_preset
 
@@ -491,7 +491,7 @@ def test_plan_refuses_credentials_in_a_config_file(tmp_path):
 def test_user_errors_refuses_a_config_with_credentials_even_with_full_errors(capsys, monkeypatch):
     from omegaconf import OmegaConf
 
-    from fcas.pipeline.cli import user_errors
+    from fcas.cli import user_errors
 
     ran = []
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fcas.diffusion.data import load_cases
-from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
 from fcas.models.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from fcas.models.vae_training import VAESettings, train_vae_loop
+from fcas.training.vae import VAESettings, train_vae_loop
 
 torch.set_num_threads(1)
 TINY = {"shape": [32, 32, 32], "spacing": [4.0, 4.0, 4.0], "preset": "tiny"}
@@ -63,7 +63,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_cases):
 def test_ema_and_cosine_schedule_resume_bit_exactly_and_ship_the_ema(tmp_path, tiny_cases):
     """train.ema_decay keeps an EMA of the weights (ema.pt), resumed bit-exactly with the cosine lr;
     load_tcdm and the export use the EMA weights, which differ from the raw ones."""
-    from fcas.models.bundle import load_tcdm
+    from fcas.diffusion.bundle import load_tcdm
     from fcas.models.export import export_inference_checkpoint
     from fcas.models.optim import lr_at
 
@@ -114,7 +114,7 @@ def test_vae_loop_trains_checkpoints_and_resumes(tmp_path, tiny_cases):
 def test_vae_recipe_terms_schedule_validation_and_discriminator(tmp_path, tiny_cases):
     """L1 + SSIM + KL with a patch adversarial term after a 1-step warm-up, cosine lr with warm-up,
     flips: the discriminator is checkpointed and resumed, the held-out curve lands in the history."""
-    from fcas.models.vae_training import augment_crop, lr_at
+    from fcas.training.vae import augment_crop, lr_at
 
     train = {"steps": 3, "checkpoint_every": 2, "ssim_weight": 0.2, "adv_weight": 0.1, "adv_start": 1,
              "schedule": "cosine", "warmup_steps": 1, "lr_min": 1e-5, "augment": True, "val_data": "phantom:1@900"}
@@ -236,7 +236,7 @@ def test_ray_train_two_workers_killed_and_resumed(tmp_path, ray_local):
 def test_export_gives_a_loadable_fp16_bundle_that_samples(tmp_path, tiny_cases):
     from fcas.diffusion.conditioning import build_c_raw
     from fcas.diffusion.sampling import decode_latent, sample
-    from fcas.models.bundle import load_tcdm
+    from fcas.diffusion.bundle import load_tcdm
     from fcas.models.export import export_inference_checkpoint
 
     train_tcdm_loop(_settings(tmp_path / "run", 2), cases=tiny_cases, progress=False)

@@ -1,5 +1,6 @@
 """CAL: segmentation pretraining on synthetic data with the confidence-aware loss (the paper's Eq. 9), then
-fine-tuning on real (or phantom) cases. Ray-free; the Ray Train job is :mod:`fcas.pipeline.pretrain_cal`.
+fine-tuning on real (or phantom) cases: the net, the loss, the data and the predictor. The training loop is
+:mod:`fcas.training.cal`; the Ray Train job :mod:`fcas.pipeline.pretrain_cal`.
 
 Names are imported lazily, so the Ray Data loading tasks that import :mod:`fcas.cal.data` do not
 pay for MONAI's networks.
@@ -17,8 +18,6 @@ _EXPORTS = {
     "load_predictor": "fcas.cal.predict",
     "load_segnet": "fcas.cal.predict",
     "predict_classes": "fcas.cal.predict",
-    "CALSettings": "fcas.cal.training",
-    "train_cal_loop": "fcas.cal.training",
 }
 
 __all__ = sorted(_EXPORTS)

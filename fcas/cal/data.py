@@ -25,6 +25,7 @@ import torch
 from fcas.diffusion.conditioning import hu_to_unit
 from fcas.io.nifti import read_nifti
 from fcas.labels import LabelSchema, load_schema
+from fcas.settings import build
 
 __all__ = [
     "SYN_COLUMNS",
@@ -208,11 +209,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "AugmentConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown augment keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        return build(cls, d)
 
 
 def build_augment(cfg: AugmentConfig):

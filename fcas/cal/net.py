@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import torch
 from monai.networks.nets import DynUNet
 
+from fcas.settings import build
+
 __all__ = ["SegNetConfig", "build_segnet"]
 
 
@@ -40,12 +42,7 @@ class SegNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "SegNetConfig":
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown segnet keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return build(cls, d)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -17,6 +17,7 @@ from fcas.deform.mgm import CLOSINGS, OVERLAPS
 from fcas.deform.params import MGMRanges
 from fcas.deform.qc import QCThresholds
 from fcas.labels import read_config
+from fcas.settings import build
 
 __all__ = ["MGMConfig", "load_mgm_config", "KEEPS", "ON_FAIL"]
 
@@ -71,21 +72,15 @@ class MGMConfig:
             object.__setattr__(self, name, int(v))
 
     @classmethod
+    def before_build(cls, d: dict) -> dict:
+        """Read by :func:`fcas.settings.build`: a group file may carry its own ``name``."""
+        d.pop("name", None)
+        return d
+
+    @classmethod
     def from_dict(cls, d: Mapping | None) -> "MGMConfig":
         """Build from a plain dict or an OmegaConf ``DictConfig`` (``cfg.mgm``)."""
-        if d is not None and hasattr(d, "items") and not isinstance(d, dict):
-            d = {k: v for k, v in d.items()}  # DictConfig -> dict (values converted below)
-        d = _plain(dict(d or {}))
-        d.pop("name", None)  # a group file may carry its own name
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"mgm: unknown fields {unknown}; known: {sorted(known)}")
-        if "ranges" in d:
-            d["ranges"] = MGMRanges.from_dict(d["ranges"])
-        if "qc" in d:
-            d["qc"] = QCThresholds.from_dict(d["qc"])
-        return cls(**d)
+        return build(cls, d, where="mgm")
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -102,15 +97,6 @@ class MGMConfig:
         """Short stable hash of the resolved config (stamped into manifest rows)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _plain(v):
-    """OmegaConf containers / tuples -> plain dicts and lists."""
-    if hasattr(v, "items"):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)) or (hasattr(v, "__iter__") and hasattr(v, "__len__") and not isinstance(v, (str, bytes))):
-        return [_plain(x) for x in v]
-    return v
 
 
 @lru_cache(maxsize=16)

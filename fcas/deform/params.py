@@ -22,6 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
+from fcas.settings import build
+
 __all__ = ["MGMRanges", "MGMParams", "draw_params", "param_rng"]
 
 Range = tuple[float, float]
@@ -85,13 +87,7 @@ class MGMRanges:
     @classmethod
     def from_dict(cls, d: Mapping | None) -> "MGMRanges":
         """Build from a plain dict / OmegaConf mapping; unknown keys raise ``ValueError``."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"mgm.ranges: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if hasattr(v, "__len__") and not isinstance(v, str) else v
-                      for k, v in d.items()})
+        return build(cls, d, where="mgm.ranges")
 
     def to_dict(self) -> dict[str, list[float]]:
         return {f.name: list(getattr(self, f.name)) for f in fields(self)}

@@ -26,13 +26,14 @@ Hand-written here; the connected components and morphology are scipy's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from fcas.labels import LabelSchema, default_schema
+from fcas.settings import build
 
 __all__ = ["QCThresholds", "MaskStats", "QCResult", "mask_stats", "qc_compare"]
 
@@ -85,16 +86,7 @@ class QCThresholds:
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> "QCThresholds":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"mgm.qc: unknown fields {unknown}; known: {sorted(known)}")
-        if "classes" in d and not isinstance(d["classes"], str):
-            d["classes"] = tuple(d["classes"])
-        if "adjacency" in d:
-            d["adjacency"] = tuple(tuple(p) if not isinstance(p, str) else p for p in d["adjacency"])
-        return cls(**d)
+        return build(cls, d, where="mgm.qc")
 
     def class_ids(self, schema: LabelSchema) -> tuple[int, ...]:
         """The checked class ids (validated against ``schema``)."""

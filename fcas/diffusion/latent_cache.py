@@ -1,7 +1,7 @@
 """The latent cache of TCDM training, as MAISI trains its diffusion model: every case encoded once by the
 frozen VAE, the diffusion model then trained on the stored latents instead of encoding at every step.
 Written by ``jobs/cache_latents.py`` (:mod:`fcas.pipeline.cache_latents`), read with
-``train.latent_cache=<uri>`` (:mod:`fcas.diffusion.training`, :mod:`fcas.pipeline.train_tcdm`).
+``train.latent_cache=<uri>`` (:mod:`fcas.training.tcdm`, :mod:`fcas.pipeline.train_tcdm`).
 
 A cache folder holds::
 

@@ -73,7 +73,7 @@ def sample(
     """Sample latents conditioned on ``condition``.
 
     Args:
-        models: a :class:`fcas.models.bundle.TCDMBundle` (its scheduler config is used) or a ``TCDM``.
+        models: a :class:`fcas.diffusion.bundle.TCDMBundle` (its scheduler config is used) or a ``TCDM``.
         condition: ``c_raw (B, C, D, H, W)`` built by :func:`fcas.diffusion.conditioning.build_c_raw`;
             the latent is ``(B, 4, D/4, H/4, W/4)``.
         generator: source of the initial noise (and of DDPM / ``eta > 0`` noise); CPU generators work

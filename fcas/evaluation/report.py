@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 
 from fcas.bundled import resolve
 from fcas.io import nifti, storage
+from fcas.settings import build
 
 __all__ = ["EvaluateSettings", "settings_from_dict", "read_learning_curve", "write_report"]
 
@@ -71,17 +72,7 @@ class EvaluateSettings:
 
 def settings_from_dict(d: Mapping[str, Any]) -> EvaluateSettings:
     """Plain dict (a resolved Hydra config) -> settings; unknown keys are refused, ``hydra`` ignored."""
-    names = {f.name for f in fields(EvaluateSettings)}
-    d = {k: v for k, v in d.items() if k != "hydra"}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown evaluate settings {unknown}; known: {sorted(names)}")
-    tuples = ("splits", "fid_layers", "fid_resize", "fid_real")
-    d = {k: (tuple(v) if k in tuples and v is not None and not isinstance(v, str) else v) for k, v in d.items()}
-    for k in ("splits", "fid_real"):
-        if isinstance(d.get(k), str):
-            d[k] = (d[k],)
-    return EvaluateSettings(**d)
+    return build(EvaluateSettings, d, what="evaluate settings", ignore=("hydra",))
 
 
 # ---- small helpers --------------------------------------------------------------------------

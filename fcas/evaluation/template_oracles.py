@@ -27,6 +27,7 @@ import numpy as np
 import fcas.phantom as phantom
 from fcas.labels import default_schema
 from fcas.metrics.image import ssim
+from fcas.phantom import intensities
 
 __all__ = ["template_information", "MASKED", "WHOLE"]
 
@@ -40,18 +41,18 @@ def _unit(case) -> np.ndarray:
 
 def _with_hu_of(seed: int, hu_seed: int, shape, spacing, noise: bool = True):
     """Case ``seed`` (its anatomy and noise) rendered with the HU table drawn for ``hu_seed``."""
-    draw = phantom._draw_hu
+    draw = intensities.draw_hu   # make_case looks it up on fcas.phantom.intensities
     table = draw(np.random.default_rng(hu_seed))
 
     def patched(rng):
         draw(rng)          # the same number of draws: every later draw of the seed is unchanged
         return dict(table)
 
-    phantom._draw_hu = patched
+    intensities.draw_hu = patched
     try:
         return phantom.make_case(seed, shape, spacing, noise=noise)
     finally:
-        phantom._draw_hu = draw
+        intensities.draw_hu = draw
 
 
 def template_information(seeds: Sequence[int], shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0),

@@ -1,11 +1,11 @@
 """Loading trained networks for use: the frozen VAE (our checkpoint, MAISI weights, or random for
-tests) and the full TCDM bundle (VAE + UNet + ControlNet + scheduler/condition settings) that the
-synthesis job samples from. Hand-written glue over :mod:`fcas.models.checkpoint`.
+tests), a checkpoint folder from a training output root, and a TCDM checkpoint's UNet/ControlNet
+weights (EMA when kept). The full sampling bundle is :mod:`fcas.diffusion.bundle`. Hand-written glue
+over :mod:`fcas.models.checkpoint`.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,9 +13,9 @@ from torch import nn
 from fcas.bundled import resolve
 from fcas.models.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_into
 from fcas.io import storage
-from fcas.models.networks import TCDM, ModelConfig, VAEConfig, build_tcdm, build_vae
+from fcas.models.networks import ModelConfig, VAEConfig, build_vae
 
-__all__ = ["load_vae", "vae_digest", "TCDMBundle", "load_tcdm", "tcdm_weights"]
+__all__ = ["load_vae", "vae_digest", "tcdm_weights", "checkpoint_folder"]
 
 
 def tcdm_weights(ck: Checkpoint, map_location: str | torch.device = "cpu") -> tuple[dict, dict, str]:
@@ -56,10 +56,7 @@ def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module
         vae = load_maisi_autoencoder(str(spec)[len("maisi:"):], cfg)
         digest, scale = str(spec), None
     else:
-        uri = resolve(str(spec))   # a bundled checkpoint (checkpoints/demo) from any directory
-        if not storage.exists(storage.join(uri, "checkpoint.json")):
-            uri = latest_checkpoint(uri) or uri  # a training output root: its latest checkpoint
-        ck = load_checkpoint(uri)
+        ck = load_checkpoint(checkpoint_folder(spec))
         cfg = ModelConfig.from_dict(ck.config["model"]).vae
         vae = build_vae(cfg)
         load_into(vae, ck.state_dict("vae"), storage.join(ck.uri, "vae.pt"))
@@ -76,71 +73,13 @@ def vae_digest(spec: str | None, seed: int = 0) -> str:
         return f"random:{seed}"
     if str(spec).startswith("maisi:"):
         return str(spec)
+    return load_checkpoint(checkpoint_folder(spec)).digest
+
+
+def checkpoint_folder(spec: str) -> str:
+    """The checkpoint folder ``spec`` names: a bundled name (``checkpoints/demo``) from any directory,
+    a checkpoint folder, or a training output root (then its latest checkpoint)."""
     uri = resolve(str(spec))
     if not storage.exists(storage.join(uri, "checkpoint.json")):
         uri = latest_checkpoint(uri) or uri
-    return load_checkpoint(uri).digest
-
-
-@dataclass
-class TCDMBundle:
-    """Everything a sampler needs, loaded from one TCDM checkpoint folder."""
-
-    vae: nn.Module
-    model: TCDM
-    config: dict
-    scale_factor: float
-    digest: str
-    uri: str
-
-    @property
-    def condition(self):
-        from fcas.diffusion.conditioning import ConditionConfig
-
-        return ConditionConfig(**self.config["condition"])
-
-    @property
-    def scheduler(self):
-        from fcas.diffusion.schedulers import SchedulerConfig
-
-        return SchedulerConfig(**self.config["scheduler"])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.config["shape"])
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return tuple(self.config["spacing"])
-
-    def to(self, device) -> "TCDMBundle":
-        self.vae.to(device)
-        self.model.to(device)
-        return self
-
-
-def load_tcdm(uri: str, map_location: str | torch.device = "cpu", expected_digest: str | None = None) -> TCDMBundle:
-    """Rebuild VAE + UNet + ControlNet from a TCDM checkpoint folder, or a training output root (its
-    latest checkpoint; its EMA weights when it kept them, see :func:`tcdm_weights`); eval mode, float32, frozen. ``expected_digest``: refuse (``ValueError``) a
-    checkpoint whose digest differs (see :func:`fcas.models.checkpoint.load_checkpoint`)."""
-    uri = resolve(uri)   # a bundled checkpoint (checkpoints/demo) from any directory
-    if not storage.exists(storage.join(uri, "checkpoint.json")):
-        uri = latest_checkpoint(uri) or uri
-    ck: Checkpoint = load_checkpoint(uri, expected_digest=expected_digest)
-    for key in ("model", "condition", "scheduler", "scale_factor"):
-        if key not in ck.config:
-            raise ValueError(f"{storage.join(uri, 'config.json')} has no {key!r}: not a TCDM checkpoint")
-    from fcas.diffusion.conditioning import ConditionConfig
-
-    mcfg = ModelConfig.from_dict(ck.config["model"])
-    cond = ConditionConfig(**ck.config["condition"])
-    model = build_tcdm(mcfg, cond.channels, init_controlnet_from_unet=False)
-    unet_sd, control_sd, source = tcdm_weights(ck, map_location)
-    where = "ema.pt" if source == "ema" else "{}.pt"
-    load_into(model.unet, unet_sd, storage.join(uri, where.format("unet")))
-    load_into(model.controlnet, control_sd, storage.join(uri, where.format("controlnet")))
-    vae = build_vae(mcfg.vae)
-    load_into(vae, ck.state_dict("vae", map_location), storage.join(uri, "vae.pt"))
-    for m in (model, vae):
-        m.float().eval().requires_grad_(False)
-    return TCDMBundle(vae, model, ck.config, float(ck.config["scale_factor"]), ck.digest, uri)
+    return uri

@@ -4,7 +4,7 @@ plus its loss curve PNG and a digest file.
     python -m fcas.models.export <training checkpoint root or folder> <dest folder> [--float32]
 
 The destination is a normal checkpoint folder (``config.json``, ``unet.pt``, ``controlnet.pt``,
-``vae.pt``, ``history.pt``, ``checkpoint.json``) loadable with :func:`fcas.models.bundle.load_tcdm`;
+``vae.pt``, ``history.pt``, ``checkpoint.json``) loadable with :func:`fcas.diffusion.bundle.load_tcdm`;
 ``DIGEST`` holds the sha256 of its ``checkpoint.json``; ``loss_curve.png`` the training loss.
 """
 from __future__ import annotations

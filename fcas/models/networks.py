@@ -12,17 +12,18 @@ Shapes (3D, ``spatial_dims=3``):
 
 * image ``(B, 1, D, H, W)`` float in [0, 1] -> latent ``(B, 4, D/4, H/4, W/4)``;
 * c_raw ``(B, C_cond, D, H, W)`` -> embedding ``(B, unet.channels[0], D/4, H/4, W/4)``.
+
+The size configs live in :mod:`fcas.models.configs` (re-exported here).
 """
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
 
 import torch
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
+
+from fcas.models.configs import LATENT_DOWNSAMPLE, MaisiConfig, ModelConfig, UNetConfig, VAEConfig, jsonable
 
 __all__ = [
     "VAEConfig",
@@ -37,149 +38,9 @@ __all__ = [
     "build_tcdm",
     "maisi_inputs",
     "count_parameters",
+    "jsonable",
+    "LATENT_DOWNSAMPLE",
 ]
-
-LATENT_DOWNSAMPLE = 4  # the paper's latent grid: 1/4 per axis
-
-
-def _tuple(v, n: int | None = None, typ=int) -> tuple:
-    if isinstance(v, (list, tuple)):
-        return tuple(typ(x) for x in v)
-    if n is None:
-        raise ValueError(f"expected a sequence, got {v!r}")
-    return tuple(typ(v) for _ in range(n))
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """Size of the KL autoencoder. ``kind='monai'`` builds ``AutoencoderKL``, ``'maisi'`` ``AutoencoderKlMaisi``."""
-
-    channels: tuple[int, ...] = (8, 16, 16)
-    num_res_blocks: tuple[int, ...] = (1, 1, 1)
-    attention_levels: tuple[bool, ...] = (False, False, False)
-    latent_channels: int = 4
-    norm_num_groups: int = 8
-    kind: str = "monai"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", _tuple(self.channels))
-        object.__setattr__(self, "num_res_blocks", _tuple(self.num_res_blocks, len(self.channels)))
-        object.__setattr__(self, "attention_levels", _tuple(self.attention_levels, len(self.channels), bool))
-        if 2 ** (len(self.channels) - 1) != LATENT_DOWNSAMPLE:
-            raise ValueError(
-                f"VAE channels {self.channels} give a downsampling of {2 ** (len(self.channels) - 1)}; "
-                f"TCDM needs {LATENT_DOWNSAMPLE} (three levels)"
-            )
-        if self.kind not in ("monai", "maisi"):
-            raise ValueError(f"unknown VAE kind {self.kind!r}; use 'monai' or 'maisi'")
-        bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"VAE channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Size of the denoising UNet; the ControlNet copies it (its encoder half) plus a condition encoder."""
-
-    channels: tuple[int, ...] = (16, 32)
-    num_res_blocks: tuple[int, ...] = (1, 1)
-    attention_levels: tuple[bool, ...] = (False, False)
-    num_head_channels: tuple[int, ...] = (8, 8)
-    norm_num_groups: int = 8
-    cond_embedding_channels: tuple[int, ...] = (8, 16, 16)
-
-    def __post_init__(self) -> None:
-        n = len(self.channels)
-        object.__setattr__(self, "channels", _tuple(self.channels))
-        object.__setattr__(self, "num_res_blocks", _tuple(self.num_res_blocks, n))
-        object.__setattr__(self, "attention_levels", _tuple(self.attention_levels, n, bool))
-        object.__setattr__(self, "num_head_channels", _tuple(self.num_head_channels, n))
-        object.__setattr__(self, "cond_embedding_channels", _tuple(self.cond_embedding_channels))
-        if 2 ** (len(self.cond_embedding_channels) - 1) != LATENT_DOWNSAMPLE:
-            raise ValueError(
-                f"cond_embedding_channels {self.cond_embedding_channels}: MONAI's ControlNetConditioningEmbedding "
-                f"downsamples by 2 per entry after the first, so {LATENT_DOWNSAMPLE}x needs exactly 3 entries"
-            )
-        bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"UNet channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
-
-
-@dataclass(frozen=True)
-class MaisiConfig:
-    """What MAISI's networks need beyond :class:`UNetConfig` (``ModelConfig.kind='maisi'`` only).
-
-    The defaults are MAISI's ddpm release (maisi3d-ddpm); ``configs/model/maisi*.yaml`` cite the released
-    configs. ``spacing`` is always an input (both releases set ``include_spacing_input``).
-
-    * ``include_body_region``: top/bottom body-region inputs (ddpm: yes, rflow: no); we always feed
-      ``body_region`` (MAISI's region 1 = thorax, ``scripts/utils.py:get_body_region_index_from_mask``);
-    * ``num_class_embeds``: rflow's modality embedding (128); we always feed ``modality`` (1 = "ct" in
-      MAISI's ``configs/modality_mapping.json``, the value its ``train_controlnet.py`` trains with);
-    * ``resblock_updown`` / ``include_fc``: MAISI's block options (rflow: both on; ddpm: both off).
-    """
-
-    include_body_region: bool = True
-    num_class_embeds: int | None = None
-    resblock_updown: bool = False
-    include_fc: bool = False
-    body_region: int = 1
-    modality: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.body_region < 4:
-            raise ValueError(f"body_region must be one of MAISI's 4 regions (0..3), got {self.body_region}")
-        if self.num_class_embeds is not None and not 0 <= self.modality < self.num_class_embeds:
-            raise ValueError(f"modality {self.modality} is not below num_class_embeds={self.num_class_embeds}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``kind``: 'monai' (MONAI ``DiffusionModelUNet`` + ``ControlNet``) or 'maisi' (MAISI's networks, ``maisi``)."""
-
-    name: str = "tiny"
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    kind: str = "monai"
-    maisi: MaisiConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("monai", "maisi"):
-            raise ValueError(f"unknown model kind {self.kind!r}; use 'monai' or 'maisi'")
-        if self.kind == "maisi" and self.maisi is None:
-            object.__setattr__(self, "maisi", MaisiConfig())
-        if self.kind == "monai" and self.maisi is not None:
-            raise ValueError("model.maisi is only for kind: maisi")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        unknown = set(d) - {"name", "vae", "unet", "kind", "maisi"}
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(
-            name=str(d.get("name", "custom")),
-            vae=VAEConfig(**dict(d.get("vae") or {})),
-            unet=UNetConfig(**dict(d.get("unet") or {})),
-            kind=str(d.get("kind", "monai")),
-            maisi=MaisiConfig(**dict(d["maisi"])) if d.get("maisi") is not None else None,
-        )
-
-    def to_dict(self) -> dict:
-        d = jsonable(asdict(self))
-        if self.kind == "monai":  # written as before 'kind' existed: old checkpoints keep their config hash
-            del d["kind"], d["maisi"]
-        return d
-
-
-def jsonable(x):
-    """Dicts, lists and tuples -> plain dicts and lists (JSON-ready); other values unchanged."""
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
-
 
 # ---- builders -----------------------------------------------------------------------------------
 def build_vae(cfg: VAEConfig) -> nn.Module:

@@ -10,7 +10,7 @@
 * :func:`vae_loss` / :func:`reconstruction_loss` -- the training objective of ``jobs/train_vae.py``:
   L1 + ``ssim_weight`` * (1 - SSIM) (MONAI ``SSIMLoss``, the 7-voxel Gaussian window of the project's
   SSIM metric) + ``kl_weight`` * KL. The adversarial term (MONAI ``PatchDiscriminator``) is added by
-  the training loop (:mod:`fcas.models.vae_training`). Hand-written: the weighted sum and the KL.
+  the training loop (:mod:`fcas.training.vae`). Hand-written: the weighted sum and the KL.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from fcas.diffusion.latent_cache import (LATENTS_SCHEMA, MANIFEST, SUMMARY, enco
 from fcas.io import manifest, storage
 from fcas.models.networks import LATENT_DOWNSAMPLE, ModelConfig, VAEConfig
 from fcas.pipeline.ray_env import ensure_ray
+from fcas.settings import build
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,12 @@ def cache_job_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> CacheJob:
 
     check_job_config(cfg, "cache_latents")
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    r = dict(c.get("resources") or {})
-    window = c.get("encode_window")
-    return CacheJob(
-        data=str(c["data"]), out=str(c["out"]),
-        shape=tuple(int(v) for v in c["preset"]["shape"]), spacing=tuple(float(v) for v in c["preset"]["spacing"]),
-        vae=c.get("vae"), vae_config=ModelConfig.from_dict(c.get("model") or {}).vae, seed=int(c.get("seed", 0)),
-        split=None if c.get("split") is None else str(c["split"]), shard_cases=int(c.get("shard_cases", 8)),
-        encode_window=None if window is None else tuple(int(w) for w in window),
-        resources=CacheResources(actors=tuple(r.get("actors", (1, 1))), gpus_per_actor=float(r.get("gpus_per_actor", 0)),
-                                 cpus_per_actor=float(r.get("cpus_per_actor", 1)),
-                                 load_cpus=float(r.get("load_cpus", 0.25)), address=r.get("address")),
-    )
+    return build(CacheJob, {
+        "data": c["data"], "out": c["out"], "shape": c["preset"]["shape"], "spacing": c["preset"]["spacing"],
+        "vae": c.get("vae"), "vae_config": ModelConfig.from_dict(c.get("model") or {}).vae, "seed": c.get("seed", 0),
+        "split": c.get("split"), "shard_cases": c.get("shard_cases", 8), "encode_window": c.get("encode_window"),
+        "resources": c.get("resources"),
+    })
 
 
 class EncodeShard:

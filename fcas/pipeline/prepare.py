@@ -33,7 +33,7 @@ class PrepareJob:
     images: str = "*_image.nii.gz"    # glob under the source dir; the '*' part is the case key
     # the label sources of a case: one glob (source "label") or {source name: glob} (null: unused), each a
     # file or per-structure folder per case, merged by the schema's priority
-    labels: str | tuple[tuple[str, str], ...] = "*_label.nii.gz"
+    labels: str | tuple[tuple[str, str | None], ...] = "*_label.nii.gz"
     schema: str = "cardiac"
     splits: tuple[tuple[str, float], ...] = (("train", 0.6), ("template", 0.1), ("reference", 0.2), ("test", 0.1))
     seed: int = 0

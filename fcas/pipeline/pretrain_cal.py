@@ -5,7 +5,7 @@ Data pipeline ``manifest rows -> map_batches(load_synthetic_batch)`` that loads 
 small CPU tasks; it is handed to a ``TorchTrainer`` as ``datasets={"train": ds}`` and each worker
 consumes its shard with ``get_dataset_shard("train").iter_torch_batches`` (epoch after epoch), so
 the synthetic set is never held whole anywhere. The fine-tune set is small and loaded by each worker.
-The loop is :func:`fcas.cal.training.train_cal_loop`; the Ray lines (``prepare_model``, context,
+The loop is :func:`fcas.training.cal.train_cal_loop`; the Ray lines (``prepare_model``, context,
 ``report``) come from :func:`fcas.pipeline.train_tcdm.worker_hooks`.
 
 CPU budget: each train worker asks for ``trainer.cpus_per_worker`` (default 0.5) and each loading
@@ -25,7 +25,7 @@ import ray.train.torch
 from omegaconf import DictConfig
 
 from fcas.cal.data import load_synthetic_batch, synthetic_rows
-from fcas.cal.training import CALSettings, train_cal_loop
+from fcas.training.cal import CALSettings, train_cal_loop
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.pipeline.train_tcdm import inject_failure, plain_config, worker_hooks
 
@@ -133,7 +133,7 @@ def fit_cal(settings: CALSettings, *, num_workers: int = 2, use_gpu: bool = Fals
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     """Pretrain (CAL or plain) then fine-tune as configured; returns a summary with the latest checkpoint."""
-    from fcas.cal.training import read_metrics
+    from fcas.training.cal import read_metrics
     from fcas.models.checkpoint import latest_checkpoint, load_checkpoint
 
     from dataclasses import replace

@@ -22,7 +22,7 @@ import ray
 from fcas.bundled import resolve
 from fcas.deform.stage import MGMStage
 from fcas.io import storage
-from fcas.io.datalist import DATALIST_FILE, write_datalist
+from fcas.synthesis.datalist import DATALIST_FILE, write_datalist
 from fcas.models.checkpoint import checkpoint_digest, latest_checkpoint
 from fcas.models.networks import LATENT_DOWNSAMPLE
 from fcas.pipeline.prepare import PrepareJob, run_prepare
@@ -183,7 +183,7 @@ def check_checkpoint_fits(job: SynthesisJob) -> None:
     """Load the checkpoint on the driver (``ValueError`` when its config does not fit its weights) and
     refuse one trained at another voxel spacing than the job's preset: its samples would silently be
     drawn onto the wrong grid (e.g. the tiny 4 mm checkpoint with ``preset=demo`` at 2 mm)."""
-    from fcas.models.bundle import load_tcdm
+    from fcas.diffusion.bundle import load_tcdm
 
     bundle = load_tcdm(job.checkpoint)
     trained = tuple(float(v) for v in bundle.spacing)

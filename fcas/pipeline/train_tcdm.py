@@ -1,6 +1,6 @@
 """Ray Train wiring of TCDM (and VAE) training: ``TorchTrainer`` with DDP over CPU or GPU workers.
 
-The loop itself is :func:`fcas.diffusion.training.train_tcdm_loop` (plain PyTorch); this module adds
+The loop itself is :func:`fcas.training.tcdm.train_tcdm_loop` (plain PyTorch); this module adds
 the Ray lines: ``prepare_model`` (DDP + device), ``get_context`` (rank, world size) and ``report``
 (metrics at checkpoint steps and every ``REPORT_EVERY`` steps). Checkpoints are the loop's own folders on any fsspec URI (``out=``), so a
 restarted run -- by Ray's ``FailureConfig`` or by the user rerunning the command -- resumes from the
@@ -12,7 +12,7 @@ map_batches(load_case_batch)`` (one case per block, block order reshuffled every
 ``TorchTrainer`` as ``datasets={"train": ...}``; each worker reads its shard with
 ``get_dataset_shard("train")`` into a buffer of ``train.buffer_cases`` cases (capped at the cases of
 one shard), the pattern of :mod:`fcas.pipeline.pretrain_cal`. Pairs and resume: :mod:`fcas.diffusion.data`
-and :mod:`fcas.diffusion.training`. CPU budget: workers ask for ``trainer.cpus_per_worker`` (0.5) and
+and :mod:`fcas.training.tcdm`. CPU budget: workers ask for ``trainer.cpus_per_worker`` (0.5) and
 each loading task for ``trainer.data_cpus`` (0.25), so a 2-CPU machine keeps a CPU for the stream.
 
 With ``train.latent_cache=<uri>`` the driver first checks the cache against the run's VAE digest, the
@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcas.diffusion.data import case_rows, load_case_batch
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_batch
-from fcas.diffusion.training import TCDMSettings, train_tcdm_loop
+from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
 from fcas.pipeline.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)

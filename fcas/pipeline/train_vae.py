@@ -1,4 +1,4 @@
-"""Ray Train wiring of VAE training (same ``fit`` as TCDM; the loop is :func:`fcas.models.vae_training.train_vae_loop`).
+"""Ray Train wiring of VAE training (same ``fit`` as TCDM; the loop is :func:`fcas.training.vae.train_vae_loop`).
 
 The cases are streamed as for TCDM (:func:`fcas.pipeline.train_tcdm.cases_dataset`, a buffer of
 ``train.buffer_cases`` per worker); the held-out ``val_data`` set is small and loaded by rank 0.
@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
-from fcas.models.vae_training import VAESettings, train_vae_loop
+from fcas.training.vae import VAESettings, train_vae_loop
 from fcas.diffusion.data import case_rows
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.pipeline.train_tcdm import plain_config, buffer_size, cases_dataset, fit, shard_cases, worker_hooks

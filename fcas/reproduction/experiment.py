@@ -34,7 +34,7 @@ def sample_held_out_pairs(checkpoint: str, cases, pairs: int, steps: int, seed: 
     """
     from fcas.diffusion.conditioning import build_c_raw
     from fcas.diffusion.sampling import decode_latent, sample
-    from fcas.models.bundle import load_tcdm
+    from fcas.diffusion.bundle import load_tcdm
 
     bundle = load_tcdm(checkpoint)
     cond = bundle.condition
@@ -87,7 +87,7 @@ def vae_reconstruction(checkpoint: str, targets, masks=None) -> dict:
     (and over the whole volume, ``*_whole``): the ceiling a sample decoded by that VAE can reach,
     reported beside the pair figures."""
     from fcas.metrics.image import rmse, ssim
-    from fcas.models.bundle import load_tcdm
+    from fcas.diffusion.bundle import load_tcdm
     from fcas.models.vae import vae_decode, vae_encode
 
     bundle = load_tcdm(checkpoint)
@@ -110,7 +110,7 @@ def vae_reconstruction(checkpoint: str, targets, masks=None) -> dict:
 
 
 def _cal_settings(s: ReproduceSettings, arm: str, seed: int, syn: str | None, out: str):
-    from fcas.cal.training import CALSettings
+    from fcas.training.cal import CALSettings
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; use one of {ARMS}")
@@ -131,14 +131,14 @@ def _cal_settings(s: ReproduceSettings, arm: str, seed: int, syn: str | None, ou
 
 
 def train_and_evaluate_seg(s: ReproduceSettings, arm: str, seed: int, syn: str | None, train_set, test) -> dict:
-    """Train one arm with :func:`fcas.cal.training.train_cal_loop` (Ray-free) and score it on ``test``.
+    """Train one arm with :func:`fcas.training.cal.train_cal_loop` (Ray-free) and score it on ``test``.
 
     Returns:
         ``{"train": loop summary, "eval": segmentation summary (per-class Dice / RDice), "curve": [...]}``.
     """
     from fcas.cal.data import class_lut
     from fcas.cal.predict import load_segnet, predict_classes
-    from fcas.cal.training import read_metrics, train_cal_loop
+    from fcas.training.cal import read_metrics, train_cal_loop
     from fcas.evaluation import evaluate_segmentation, segmentation_summary
     from fcas.labels import load_schema
 

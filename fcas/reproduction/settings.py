@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from fcas.settings import build
+
 __all__ = ["ReproduceSettings", "Runners", "ARMS"]
 
 ARMS = ("real_only", "cal", "plain")
@@ -84,11 +86,7 @@ class ReproduceSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ReproduceSettings":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown reproduce settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**dict(d))
+        return build(cls, d, what="reproduce settings")
 
     @property
     def _domain(self) -> str:

@@ -27,7 +27,8 @@ from fcas.diffusion.conditioning import build_c_raw, hu_to_unit, unit_to_hu
 from fcas.diffusion.sampling import decode_latent, sample
 from fcas.diffusion.ssv import SSV_MODES, ssv_confidence
 from fcas.prepare import load_case
-from fcas.models.bundle import load_tcdm
+from fcas.diffusion.bundle import load_tcdm
+from fcas.settings import build
 from fcas.synthesis.faults import FaultPlan, InjectedFault
 
 __all__ = ["SamplerSettings", "SamplerStage"]
@@ -87,7 +88,7 @@ class SamplerStage:
                  threads: int = 0):
         if int(threads) > 0:   # Ray sets OMP_NUM_THREADS=1 for a fractional-CPU actor; a CPU machine may give more
             torch.set_num_threads(int(threads))
-        self.settings = settings if isinstance(settings, SamplerSettings) else SamplerSettings(**(settings or {}))
+        self.settings = settings if isinstance(settings, SamplerSettings) else build(SamplerSettings, settings)
         dev = self.settings.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
                                    ("cpu" if dev == "auto" else dev))

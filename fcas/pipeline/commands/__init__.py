@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from fcas.bundled import fcas_home
-from fcas.pipeline.cli import refuse_credential_argv
+from fcas.cli import refuse_credential_argv
 
 __all__ = ["JOBS", "main", "run_job"]
 

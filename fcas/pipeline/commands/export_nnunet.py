@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcas.bundled import config_dir
 from fcas.export.nnunet import export_nnunet, settings_from_dict
-from fcas.pipeline.cli import user_errors
+from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
 
 

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fcas.bundled import config_dir
-from fcas.pipeline.cli import user_errors
+from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
 from fcas.pipeline.jobs import plan_request_from_cfg
 from fcas.planning import TrainingPlanRequest, format_plan, make_plan, make_training_plan, plan_to_json

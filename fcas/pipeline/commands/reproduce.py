@@ -5,7 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fcas.bundled import config_dir
-from fcas.pipeline.cli import user_errors
+from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
 from fcas.pipeline.reproduce import run as _run
 

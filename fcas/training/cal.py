@@ -33,11 +33,11 @@ import torch
 from fcas.cal.data import (AugmentConfig, FinetuneSet, augment_batch, build_augment, load_finetune_set,
                            local_synthetic_batches, num_classes, synthetic_rows)
 from fcas.cal.loss import cal_loss
-from fcas.diffusion.training import build_settings
 from fcas.cal.net import SegNetConfig, build_segnet
 from fcas.io import storage
 from fcas.training.loop import TrainingRun
 from fcas.models.checkpoint import config_hash, latest_checkpoint, load_into, no_report
+from fcas.settings import build
 
 log = logging.getLogger(__name__)
 
@@ -119,23 +119,16 @@ class CALSettings:
             raise ValueError(f"net.out_channels={self.net.out_channels}, schema {self.schema!r} needs {want}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CALSettings":
-        d = dict(d)
+    def before_build(cls, d: dict) -> dict:
+        """Read by :func:`fcas.settings.build`: no preset is ``custom``, an empty or missing ``syn`` / ``real``
+        is None, and the net's classes default to the schema's."""
         net = dict(d.get("net") or {})
         net.setdefault("out_channels", num_classes(d.get("schema", "cardiac")))
-        return cls(
-            syn=d.get("syn") or None,
-            real=d.get("real") or None,
-            out=str(d["out"]),
-            shape=tuple(int(v) for v in d["shape"]),
-            spacing=tuple(float(v) for v in d["spacing"]),
-            preset=str(d.get("preset", "custom")),
-            real_split=d.get("real_split", "train"),
-            schema=str(d.get("schema", "cardiac")),
-            net=SegNetConfig.from_dict(net),
-            augment=AugmentConfig.from_dict(d.get("augment")),
-            train=build_settings(CALTrainConfig, d.get("train")),
-        )
+        return {"preset": "custom", **d, "syn": d.get("syn") or None, "real": d.get("real") or None, "net": net}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CALSettings":
+        return build(cls, d)
 
     def to_dict(self) -> dict:
         d = asdict(self)

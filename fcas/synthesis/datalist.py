@@ -1,6 +1,6 @@
 """A synthesis run as a MONAI datalist and a MONAI ``Dataset``: load a run in three lines.
 
-    from fcas.io.datalist import run_dataset
+    from fcas.synthesis.datalist import run_dataset
     ds = run_dataset("outputs/run1")                  # or "s3://lab/fcas/syn-001"
     item = ds[0]   # {"image", "label", "confidence"}: (1, I, J, K) MetaTensors, plus "id"
 
@@ -10,7 +10,7 @@
 * :func:`write_datalist` writes ``<out>/datalist.json`` with paths relative to the run (the Medical
   Segmentation Decathlon convention): the file stays valid when the run is copied, and
   ``monai.data.load_decathlon_datalist("<out>/datalist.json")`` resolves it against its folder.
-  Command line: ``python -m fcas.io.datalist RUN``.
+  Command line: ``python -m fcas.synthesis.datalist RUN``.
 * :func:`run_dataset`: ``monai.data.Dataset`` over :func:`run_datalist` with ``LoadImaged`` on the
   three volumes; object-store runs (``s3://``) are read through fsspec (:class:`FsspecNibabelReader`).
 
@@ -97,12 +97,12 @@ def run_dataset(out: str | os.PathLike, transforms: Callable | Sequence[Callable
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m fcas.io.datalist RUN``: write ``RUN/datalist.json``; a user mistake is one line, exit 2."""
+    """``python -m fcas.synthesis.datalist RUN``: write ``RUN/datalist.json``; a user mistake is one line, exit 2."""
     import argparse
 
-    from fcas.pipeline.cli import user_errors
+    from fcas.cli import user_errors
 
-    parser = argparse.ArgumentParser(prog="python -m fcas.io.datalist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fcas.synthesis.datalist", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="synthesis run folder (local path or s3://...)")
     args = parser.parse_args(argv)
 

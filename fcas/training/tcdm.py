@@ -28,136 +28,30 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from fcas.diffusion.conditioning import ConditionConfig, build_c_raw
+from fcas.diffusion.conditioning import build_c_raw
 from fcas.diffusion.data import CaseArrays, CaseBuffer, case_rows, load_cases, pair_batch
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_cases
 from fcas.diffusion.losses import bidirectional_loss
 from fcas.diffusion.pairs import refill_rng, sample_pairs, step_rng
-from fcas.diffusion.schedulers import SchedulerConfig, build_train_scheduler
+from fcas.diffusion.schedulers import build_train_scheduler
 from fcas.models.bundle import load_vae
 from fcas.models.bundle import vae_digest as digest_of_vae
 from fcas.models.checkpoint import config_hash, latest_checkpoint, load_into, no_report
 from fcas.io import storage
-from fcas.models.networks import (ModelConfig, build_tcdm, jsonable, maisi_inputs, set_activation_checkpointing,
-                                  set_flash_attention)
-from fcas.training.loop import TrainingRun, amp_context, check_amp_dtype, grad_scaler
-from fcas.models.optim import SCHEDULES, lr_at, make_ema
+from fcas.models.networks import build_tcdm, maisi_inputs, set_activation_checkpointing, set_flash_attention
+from fcas.training.loop import TrainingRun, amp_context, grad_scaler
+from fcas.training.tcdm_settings import ARCH_KEYS, TCDMSettings, TrainConfig
+from fcas.models.optim import lr_at, make_ema
 from fcas.models.vae import compute_scale_factor, latent_scale_factor, vae_encode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TCDMSettings", "train_tcdm_loop", "ARCH_KEYS"]
-
-ARCH_KEYS = ("model", "condition", "scheduler", "shape")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 100
-    batch_pairs: int = 1  # pairs per worker and step; bidirectional doubles the samples
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    crop: tuple[int, int, int] | None = None  # training crop in voxels (multiples of 4); None = whole
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3  # 0 keeps all
-    bidirectional: bool = True
-    unet_mode: str = "joint"  # 'joint' | 'pretrain_freeze'
-    pretrain_steps: int = 0
-    amp: bool = True  # autocast, used only on CUDA
-    amp_dtype: str = "float16"  # float16 (with a loss scaler) | bfloat16
-    activation_checkpointing: bool = False  # UNet/ControlNet blocks recomputed in backward: less memory, more time
-    channels_last: bool = False  # channels_last_3d layout of the networks and their inputs
-    fused_attention: bool = False  # PyTorch's fused scaled_dot_product_attention in MONAI's blocks (CUDA only)
-    grad_clip: float = 1.0
-    scale_factor_cases: int = 8
-    schedule: str = "constant"  # constant | cosine (decay to lr_min at `steps`)
-    warmup_steps: int = 0       # linear warm-up from 0 to lr
-    lr_min: float = 0.0
-    ema_decay: float = 0.0      # > 0: keep an EMA of the weights (saved beside them; export ships it)
-    buffer_cases: int = 8       # streamed training: cases a worker holds (pairs are drawn among them)
-    latent_cache: str | None = None   # a jobs/cache_latents.py output: latents read, not encoded (same VAE)
-
-    def __post_init__(self) -> None:
-        if self.crop is not None:
-            object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
-        check_amp_dtype(self.amp_dtype)
-        if self.unet_mode not in ("joint", "pretrain_freeze"):
-            raise ValueError(f"unknown unet_mode {self.unet_mode!r}; use 'joint' or 'pretrain_freeze'")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; use one of {SCHEDULES}")
-        if not 0.0 <= self.ema_decay < 1.0 or self.warmup_steps < 0:
-            raise ValueError(f"need 0 <= ema_decay < 1 and warmup_steps >= 0, got {self.ema_decay}, {self.warmup_steps}")
-        if self.buffer_cases < 2:
-            raise ValueError(f"buffer_cases must be >= 2 (pairs need two cases), got {self.buffer_cases}")
-        if self.steps < 0 or self.batch_pairs < 1 or self.checkpoint_every < 1:
-            raise ValueError(
-                f"need steps >= 0, batch_pairs >= 1, checkpoint_every >= 1; got {self.steps}, "
-                f"{self.batch_pairs}, {self.checkpoint_every}"
-            )
-
-
-def build_settings(cls, d: Mapping[str, Any] | None):
-    """``cls(**d)`` for a settings dataclass, refusing unknown keys by name (``ValueError``)."""
-    d = dict(d or {})
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**d)
-
-
-@dataclass(frozen=True)
-class TCDMSettings:
-    """Resolved configuration of one TCDM training run (built once on the driver)."""
-
-    data: str
-    out: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    vae: str | None = None
-    init: str | None = None   # maisi:<unet file>,<controlnet file>: a fresh run starts from MAISI's weights
-    preset: str = "tiny"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    condition: ConditionConfig = field(default_factory=ConditionConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TCDMSettings":
-        d = dict(d)
-        return cls(
-            data=str(d["data"]),
-            out=str(d["out"]),
-            shape=tuple(int(v) for v in d["shape"]),
-            spacing=tuple(float(v) for v in d["spacing"]),
-            vae=d.get("vae"),
-            init=d.get("init"),
-            preset=str(d.get("preset", "custom")),
-            model=ModelConfig.from_dict(d.get("model") or {}),
-            condition=build_settings(ConditionConfig, d.get("condition")),
-            scheduler=build_settings(SchedulerConfig, d.get("scheduler")),
-            train=build_settings(TrainConfig, d.get("train")),
-        )
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        if d["init"] is None:   # configs as before init existed
-            del d["init"]
-        if d["train"]["latent_cache"] is None:   # ... and before the latent cache
-            del d["train"]["latent_cache"]
-        return jsonable(d)
-
-    def arch(self) -> dict:
-        d = self.to_dict()
-        return {k: d[k] for k in ARCH_KEYS}
-
+__all__ = ["TrainConfig", "TCDMSettings", "train_tcdm_loop", "ARCH_KEYS"]   # the settings: fcas.training.tcdm_settings
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     """``value`` averaged over the DDP ranks (streamed ranks see different cases), else itself."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -31,6 +31,7 @@ from fcas.models.checkpoint import config_hash, load_into, no_report
 from fcas.models.networks import VAEConfig, build_vae
 from fcas.models.vae import compute_scale_factor, vae_loss, vae_decode, vae_encode
 from fcas.models.networks import jsonable, set_activation_checkpointing
+from fcas.settings import build
 from fcas.training.loop import TrainingRun, amp_context, check_amp_dtype, grad_scaler
 
 log = logging.getLogger(__name__)
@@ -123,17 +124,13 @@ class VAESettings:
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
 
     @classmethod
+    def before_build(cls, d: dict) -> dict:
+        """Read by :func:`fcas.settings.build`: a config that names no preset or model is ``custom``."""
+        return {"preset": "custom", "model_name": "custom", **d}
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VAESettings":
-        t = dict(d.get("train") or {})
-        unknown = set(t) - {f.name for f in fields(VAETrainConfig)}
-        if unknown:
-            raise ValueError(f"unknown VAE train keys {sorted(unknown)}")
-        return cls(
-            data=str(d["data"]), out=str(d["out"]),
-            shape=tuple(int(v) for v in d["shape"]), spacing=tuple(float(v) for v in d["spacing"]),
-            preset=str(d.get("preset", "custom")), model_name=str(d.get("model_name", "custom")),
-            vae=VAEConfig(**dict(d.get("vae") or {})), train=VAETrainConfig(**t),
-        )
+        return build(cls, d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -160,7 +157,7 @@ def train_vae_loop(
     val_cases: CaseArrays | None = None,
     case_stream: Callable[[], Iterator[Mapping[str, Any]]] | None = None,
 ) -> dict:
-    """Run (or resume) VAE training; cases as :func:`fcas.diffusion.training.train_tcdm_loop` takes them."""
+    """Run (or resume) VAE training; cases as :func:`fcas.training.tcdm.train_tcdm_loop` takes them."""
     tc = settings.train
     device = torch.device(device)
     buffer = None
