@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test clean weights tiny-checkpoint reproduce
+.PHONY: install demo test docs-check clean weights tiny-checkpoint reproduce
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Every heavy command of README.md and docs/*.md run at the tiny preset, in documented order (about 6 min on
+# 2 cores; make test composes them instead)
+docs-check: install
+	FCAS_DOCS_RUN=1 $(BIN)/python -m pytest -q tests/test_docs_commands.py
 
 # Rebuild both bundled demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from
 # outputs/weights/): the VAE (L1 + 0.2 SSIM + KL, cosine lr, 6000 steps of 32^3 crops), then the

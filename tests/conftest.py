@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+# Ray Train's controller polls its workers every 2 s by default; a finished or failed tiny run then waits up to
+# that long at each poll (about 5 s a fit here). Tests poll every 0.25 s; Ray passes the variable on to the
+# controller and to the jobs' subprocesses that keep the environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 # --------------------------------------------------------------------------------------------
 # S3: a real moto_server (moto[server], test extra) on 127.0.0.1 for s3:// round trips.
 # --------------------------------------------------------------------------------------------

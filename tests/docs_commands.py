@@ -6,9 +6,12 @@ the shell splits it. Its rule is the one entry of :data:`RULES` whose pattern ma
 
 * ``run``: executed here as written, with the safe substitutions of :func:`localized` (the documented python
   and ``fcas`` are this environment's, ``out=/tmp/...`` and ``outputs/...`` go under the test's tmp_path);
-* ``compose``: too heavy to run here (demo/paper presets, S3, /data, a run that must exist first): the job's
-  Hydra config is composed with the documented overrides and the job's settings are built from it (for a
-  submit to a cluster: the job it submits);
+* ``compose``: too heavy to run as written here (demo/paper presets, S3, /data, a run that must exist first):
+  the job's Hydra config is composed with the documented overrides and the job's settings are built from it
+  (for a submit to a cluster: the job it submits); then, unless the rule says ``tiny=False``, the job runs at
+  the tiny preset (:func:`tiny_invocation`: the documented overrides with the sizes scaled down, outputs,
+  ``/data`` inputs and ``s3://`` buckets moved under the test's folders), the commands of one file in their
+  documented order, so a command may read what an earlier one wrote;
 * ``elsewhere``: another test (or CI) runs it: ``where`` is ``(file, text it holds)``;
 * ``external``: needs machines or tools we do not have; ``note`` says which.
 """
@@ -46,6 +49,7 @@ class Rule:
     slow: bool = False            # run: takes more than ~10 s (pytest.mark.slow)
     where: tuple[str, str] = ("", "")   # elsewhere: (file under the repository, text it must hold)
     make: str = ""                # compose: the commands of this Makefile target instead of the command itself
+    tiny: bool = True             # compose: also run the job at the tiny preset
 
     def matches(self, command: Command) -> bool:
         return re.match(self.pattern, command.text) is not None
@@ -59,8 +63,11 @@ RULES = (
          expect=r"FCaS TCDM training plan: preset=paper(.|\n)* peak_memory_gib_per_gpu "),
     Rule("elsewhere", r"fcas synthesize preset=tiny n=2 ", "the same command, from the installed wheel in another folder",
          where=("tests/test_packaging.py", '"synthesize", "preset=tiny", "n=2"')),
-    Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py ",
-         "demo/paper presets, S3, /data or a run made first: minutes to hours here"),
+    Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py (?!.*model=maisi)",
+         "demo/paper presets, S3, /data or a run made first: minutes to hours as written; runs at the tiny preset"),
+    Rule("compose", r"\.venv/bin/python jobs/train_tcdm\.py .*model=maisi",
+         "MAISI's released weights (GBs) are not here: composed; tests/test_maisi.py trains and samples from a "
+         "small state dict of MAISI's architecture written by the test", tiny=False),
     Rule("compose", r"(RAY_ADDRESS=\S+ )?ray job submit ", "needs a cluster's job API: the job it submits is composed"),
     Rule("compose", r"make demo$", "minutes of CPU: the Makefile's demo job is composed", make="demo"),
     Rule("elsewhere", r"make test$", "CI runs the suite", where=(".ci/run", "exec make test")),
@@ -164,3 +171,50 @@ def localized(words, tmp: Path) -> list[str]:
     first = {".venv/bin/python": sys.executable, "fcas": str(Path(sys.executable).parent / "fcas")}
     words = [first.get(words[0], words[0]), *words[1:]]
     return [re.sub(r"(?<==)(/tmp/|outputs/)", f"{tmp}/", word) for word in words]
+
+
+# ---- a heavy command at the tiny preset ----------------------------------------------------------------------
+# per job: the overrides that make it run in seconds (they replace a documented value of the same key)
+TINY_OVERRIDES = {
+    "prepare": {"preset": "tiny", "preview": "0"},
+    "synthesize": {"preset": "tiny", "n": "2", "sampler.steps": "4", "progress": "false", "preview": "false"},
+    "train_vae": {"preset": "tiny", "model": "tiny", "train.steps": "2", "train.checkpoint_every": "2",
+                  "trainer.num_workers": "1", "trainer.progress": "false"},
+    "train_tcdm": {"preset": "tiny", "model": "tiny", "train.steps": "2", "train.checkpoint_every": "2",
+                   "trainer.num_workers": "1", "trainer.progress": "false"},
+    "cache_latents": {"preset": "tiny", "model": "tiny", "progress": "false"},
+    "pretrain_cal": {"preset": "tiny", "train.pretrain_steps": "2", "train.finetune_steps": "2",
+                     "train.batch_size": "1", "trainer.num_workers": "1", "trainer.progress": "false"},
+    "evaluate": {},
+    "export_nnunet": {"folds": "2"},   # a 2-sample run cannot fill nnU-Net's 5 folds
+}
+# a prepared library keeps 10 cases, so that its 10 % template split is not empty; training reads 3
+SCALE_DOWN = ((re.compile(r"^source=phantom:\d+$"), "source=phantom:10"),
+              (re.compile(r"^data=phantom:\d+$"), "data=phantom:3"))
+DROPPED = re.compile(r"^resources\.")   # a cluster's GPUs and actor counts: the local defaults instead
+
+
+def tiny_invocation(job: str, overrides, tmp: Path, data: Path, s3_root: str, where: str) -> list[str]:
+    """The overrides of ``job`` at the tiny preset: sizes scaled down (:data:`TINY_OVERRIDES`, :data:`SCALE_DOWN`),
+    cluster resources dropped, ``outputs/`` and ``$PWD/outputs/`` under ``tmp`` (shared by the commands of one
+    file, so a later command reads what an earlier one wrote), ``/data/...`` and ``dir:<relative>`` inputs
+    under ``data``, and ``s3://<bucket>/`` under ``s3_root`` in a prefix of this command's own (a run on
+    S3 is never a rerun of another command's). An output the command leaves to its default goes under ``tmp``."""
+    own = re.sub(r"[^A-Za-z0-9]+", "-", where).strip("-").lower()
+    values: dict[str, str] = {}
+    for word in overrides:
+        key, _, value = word.partition("=")
+        if DROPPED.match(key):
+            continue
+        for pattern, repl in SCALE_DOWN:
+            word = pattern.sub(repl, word)
+        key, _, value = word.partition("=")
+        value = re.sub(r"^(dir:)?(\$PWD/)?outputs/", lambda m: f"{m.group(1) or ''}{tmp}/", value)
+        value = re.sub(r"^(dir:)?/data/", lambda m: f"{m.group(1) or ''}{data}/", value)
+        value = re.sub(r"^dir:(?![/.$])", f"dir:{data}/", value)
+        value = re.sub(r"^s3://[^/]+/", f"{s3_root}/{own}/", value)
+        values[key] = value
+    values.update(TINY_OVERRIDES[job])
+    if "out" not in values:   # never the job's default under the repository
+        values["out"] = f"{tmp}/{own}"
+    return [f"{k}={v}" for k, v in values.items()]

@@ -12,9 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from fcas.bundled import config_dir
+from fcas.io import storage
 from fcas.pipeline.commands import JOBS
 from tests.docs_commands import (ROOT, RULES, Command, doc_commands, job_invocation, localized, make_recipe, rules_for,
-                                 untagged_commands)
+                                 tiny_invocation, untagged_commands)
 
 COMMANDS = doc_commands()
 KINDS = ("run", "compose", "elsewhere", "external")
@@ -84,7 +85,7 @@ def test_documented_job_command_composes_into_the_jobs_settings(command):
     that changes the config changes the settings too, or is needed (else the job ignores it). No I/O: paths stay
     as written."""
     rule = _rule(command)
-    calls = [job_invocation(words) for words in (make_recipe(rule.make) if rule.make else [command.words])]
+    calls = _calls(command, rule)
     assert calls and all(calls), f"{command.where}: no job call in `{command.text}`"
     for job, overrides in calls:
         assert job in JOBS and (ROOT / "jobs" / f"{job}.py").is_file(), job
@@ -99,6 +100,83 @@ def test_documented_job_command_composes_into_the_jobs_settings(command):
             except ValueError:   # the job needs it
                 continue
             assert other != settings, f"{command.where}: {job} ignores {override}"
+
+
+def _calls(command: Command, rule) -> list[tuple[str, list[str]]]:
+    return [job_invocation(words) for words in (make_recipe(rule.make) if rule.make else [command.words])]
+
+
+def _tiny_commands() -> list:
+    """The compose commands that also run at the tiny preset, in documented order (README first)."""
+    return [pytest.param(c, id=c.where) for c in COMMANDS
+            if len(rules_for(c)) == 1 and rules_for(c)[0].kind == "compose" and rules_for(c)[0].tiny]
+
+
+def _mmwhs_case(folder, key: str, seed: int) -> None:
+    """A phantom as MM-WHS ships a CT: ``<key>_image.nii.gz`` and a label map in MM-WHS's own ids."""
+    import nibabel as nib
+    import numpy as np
+
+    from fcas.labels import default_schema
+    from fcas.phantom import make_case
+
+    case = make_case(seed, shape=(32, 32, 32), spacing=(3.0, 3.0, 3.0))
+    mmwhs = {"left_ventricle": 500, "right_ventricle": 600, "left_atrium": 420, "right_atrium": 550,
+             "lv_myocardium": 205, "ascending_aorta": 820, "pulmonary_artery": 850}
+    label = np.zeros(case.label.shape, np.uint16)
+    for name, value in mmwhs.items():
+        label[case.label == default_schema().classes[name]] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, array in (("image", case.image.astype(np.int16)), ("label", label)):
+        img = nib.Nifti1Image(array, case.affine)
+        img.set_qform(case.affine, code=1)
+        img.set_sform(case.affine, code=1)
+        nib.save(img, str(folder / f"{key}_{suffix}.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory, ray_local, s3_server):
+    """The folders the documented commands read, small: ``data/mmwhs`` (two MM-WHS-like cases) and
+    ``data/imagecas`` (one ImageCAS case with TotalSegmentator's outputs beside it, as docs/data.md lays out)."""
+    from fcas.phantom import make_case
+    from tests.test_prepare_sources import write_recipe_case
+
+    tmp = tmp_path_factory.mktemp("docs-tiny")
+    for key, seed in (("ct_1001", 1), ("ct_1002", 2)):
+        _mmwhs_case(tmp / "data" / "mmwhs", key, seed)
+    write_recipe_case(tmp / "data" / "imagecas", "1", make_case(2, shape=(32, 32, 32), spacing=(3.0, 3.0, 3.0)))
+    return {"tmp": tmp, "s3": f"{s3_server}/docs-tiny", "ran": {}}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FCAS_DOCS_RUN") != "1",
+                    reason="opt-in (FCAS_DOCS_RUN=1, make docs-check): the heavy commands at the tiny preset take "
+                           "about 6 min on 2 cores, over make test's 10-minute budget; make test composes them")
+@pytest.mark.parametrize("command", _tiny_commands())
+def test_documented_job_command_runs_at_the_tiny_preset(command, tiny_world, capsys):
+    """The job of each heavy command, run in this process (on the session's Ray) at the tiny preset with the
+    documented overrides scaled down (tests/docs_commands.py ``tiny_invocation``); commands of one file share
+    their outputs, in order, so ``evaluate run=outputs/run1`` reads the run an earlier command made. A command
+    whose tiny form repeats an earlier one (the same job submitted from another page) is not run twice."""
+    from fcas.pipeline.commands import run_job
+
+    rule = _rule(command)
+    page = command.where.split(":")[0]
+    tmp = tiny_world["tmp"] / re.sub(r"\W+", "-", page)
+    for job, overrides in _calls(command, rule):
+        data = tiny_world["tmp"] / "data"
+        key = (page, job, tuple(tiny_invocation(job, overrides, tmp, data, "s3://x", "x")))
+        if key in tiny_world["ran"]:
+            continue   # the same tiny run as an earlier command of this page
+        argv = tiny_invocation(job, overrides, tmp, data, tiny_world["s3"], command.where)
+        try:
+            run_job(job, argv)
+        except SystemExit as exit_:
+            pytest.fail(f"{command.where}: fcas {job} {' '.join(argv)} exited {exit_.code}: "
+                        f"{capsys.readouterr().err[-2000:]}")
+        tiny_world["ran"][key] = command.where
+        out = next(a.split("=", 1)[1] for a in argv if a.startswith("out="))
+        assert storage.exists(out) and storage.listdir(out), f"{command.where}: {job} wrote nothing to {out}"
 
 
 @pytest.mark.parametrize("command", _of_kind("run"))
