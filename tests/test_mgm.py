@@ -1,7 +1,6 @@
 """MGM (fcas.deform): parameters, field, one-gather warp + closing vs the literal scipy Eq. 6, inputs."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -12,19 +11,10 @@ from fcas.deform import (CLOSINGS, MGMConfig, MGMParams, MGMRanges, draw_params,
                          mgm_deform, param_rng, warp_labels)
 from fcas.deform.field import control_coordinates, dense_coordinates, index_affine
 from fcas.deform.mgm import OFFSET, OVERLAPS
+from fcas.deform.reference import literal_coordinates, literal_mgm
 from fcas.labels import default_schema
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_mgm", ROOT / "benchmarks" / "mgm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_benchmark()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +164,7 @@ def test_fast_path_equals_literal_per_class_formulation(closing, overlap, seed, 
     p = _random_params(seed)
     ours = mgm_deform(mask, spacing, p, closing=closing, overlap=overlap)
     coords = dense_coordinates(p, mask.shape, spacing, offset=OFFSET) - np.float32(OFFSET)
-    ref = bench.literal_mgm(mask, coords, closing=closing, overlap=overlap)
+    ref = literal_mgm(mask, coords, closing=closing, overlap=overlap)
     assert np.array_equal(ours, ref), int((ours != ref).sum())
 
 
@@ -199,7 +189,7 @@ def test_fast_path_equals_literal_on_random_grids_up_to_the_border_rule(case):
     coords = dense_coordinates(p, shape, sp, offset=OFFSET) - np.float32(OFFSET) + np.float32(1)
     for closing in CLOSINGS:
         ours = mgm_deform(mask, sp, p, closing=closing, overlap="priority")
-        assert np.array_equal(ours, bench.literal_mgm(np.pad(mask, 1), coords, closing=closing))
+        assert np.array_equal(ours, literal_mgm(np.pad(mask, 1), coords, closing=closing))
 
 
 @pytest.mark.parametrize("overlap", OVERLAPS)
@@ -211,8 +201,8 @@ def test_surroundings_warped_but_not_closed(overlap):
     p = _random_params(3)
     ours = mgm_deform(mask, 1.0, p, closing="closing", overlap=overlap, closed_classes="cardiac")
     coords = dense_coordinates(p, mask.shape, 1.0, offset=OFFSET) - np.float32(OFFSET)
-    closed = bench.literal_mgm(default_schema().cardiac_only(mask), coords, closing="closing", overlap=overlap)
-    plain = bench.literal_mgm(mask, coords, closing="none")
+    closed = literal_mgm(default_schema().cardiac_only(mask), coords, closing="closing", overlap=overlap)
+    plain = literal_mgm(mask, coords, closing="none")
     if overlap == "keep":
         expect = np.where(plain != 0, plain, closed)
     else:  # priority among all classes; surroundings rank lowest in the schema
@@ -230,7 +220,7 @@ def test_affine_only_agrees_with_literal_scipy_reference(seed, spacing, phantom3
     p = _random_params(seed, alpha_mm=0.0)
     blobs = _blobs(seed=seed)
     for mask, need in ((blobs, 1.0), (phantom32, 0.99)):
-        ref = bench.literal_mgm(mask, bench.literal_coordinates(p, mask.shape, spacing), closing="maxpool")
+        ref = literal_mgm(mask, literal_coordinates(p, mask.shape, spacing), closing="maxpool")
         ours = mgm_deform(mask, spacing, p, closing="maxpool", overlap="priority")
         assert (ours == ref).mean() >= need
 
@@ -295,7 +285,7 @@ def test_large_transform_falls_back_to_clipping():
     assert not mgm_deform(mask, 1.0, p, closing="none").any()
     p = MGMParams(scale_iso=0.2)  # zoom out: coordinates reach far outside, padding would be huge
     out = mgm_deform(mask, 1.0, p, closing="none")
-    ref = bench.literal_mgm(mask, dense_coordinates(p, mask.shape, 1.0, offset=OFFSET) - np.float32(OFFSET), closing="none")
+    ref = literal_mgm(mask, dense_coordinates(p, mask.shape, 1.0, offset=OFFSET) - np.float32(OFFSET), closing="none")
     assert np.array_equal(out, ref)
 
 

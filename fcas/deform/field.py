@@ -92,7 +92,7 @@ def index_affine(params: MGMParams, shape, spacing) -> np.ndarray:
     return out
 
 
-def _node_counts(shape, sp: np.ndarray, params: MGMParams) -> tuple[int, int, int]:
+def node_counts(shape, sp: np.ndarray, params: MGMParams) -> tuple[int, int, int]:
     if params.alpha_mm == 0.0:
         return (2, 2, 2)
     step = params.zeta_mm / 2
@@ -140,7 +140,7 @@ class ControlGrid:
 def control_coordinates(params: MGMParams, shape, spacing) -> ControlGrid:
     """The pull-back map of Eq. 5 evaluated on the control grid (see module docstring)."""
     shape, sp = check_geometry(shape, spacing)
-    nodes = _node_counts(shape, sp, params)
+    nodes = node_counts(shape, sp, params)
     c = (np.asarray(shape, dtype=np.float64) - 1) / 2
     axes = [np.linspace(0.0, n - 1, g) if n > 1 else np.zeros(g) for n, g in zip(shape, nodes)]
     step_mm = np.array([((n - 1) * s / (g - 1)) if n > 1 else s for n, s, g in zip(shape, sp, nodes)])

@@ -21,7 +21,7 @@ bit against ``scipy.ndimage.map_coordinates(order=0)`` + ``maximum_filter(size=2
    claims background voxels (by priority among the claimants); ``"priority"`` -- the
    highest-priority closed class wins everywhere, the literal "union by priority" of the design.
    With ``"priority"`` a thin high-priority class's closing can cut a low-priority chamber in two
-   (seen on the phantoms below); with ``"keep"`` no class ever loses a warped
+   (measured on phantoms: docs/benchmarks.md); with ``"keep"`` no class ever loses a warped
    voxel, so closing can only merge components, never split one.
 
 The gather runs slab by slab (a few planes of axis 0 at a time, in cache) with the pull-back
@@ -46,36 +46,10 @@ With identity parameters (:attr:`MGMParams.is_identity`) the warp reads every vo
 and there are no discretisation fractures to repair, so the input is returned unchanged (no
 closing): identity is bit-exact for every variant.
 
-Which variant is the default -- measured by ``python benchmarks/mgm.py --study``: ``phantom:20``
-(fcas.phantom seeds 0-19) at 64³, 2 mm, cardiac classes, default ranges, 3 draws per phantom =
-60 deformations per variant, one QC try each, default QC thresholds (configs/mgm/default.yaml):
-
-    closing, overlap   QC pass  a class gains    coronary    mean |vol    coronary vol   LV vol        myo vol
-                                components       detached    ratio - 1|   ratio          ratio         ratio
-    none               0.88     12%              7%          0.127        0.98 +- 0.15   0.98 +- 0.14  0.98 +- 0.14
-    maxpool, priority  0.00     30%              0%          0.475        2.89 +- 0.33   0.73 +- 0.12  1.43 +- 0.19
-    maxpool, keep      0.00      3%              0%          0.381        2.40 +- 0.29   1.00 +- 0.14  1.17 +- 0.16
-    closing, priority  0.90     10%              5%          0.126        1.00 +- 0.15   0.97 +- 0.14  1.00 +- 0.15
-    closing, keep      0.92      8%              5%          0.126        1.00 +- 0.15   0.98 +- 0.14  0.99 +- 0.14
-
-The paper's max-pool (Eq. 6) reattaches every coronary tree but triples the 1-2 voxel coronaries
-and, unioned by priority, eats a quarter of the LV (the myocardium grows into it and splits it);
-no sample stays within the volume bounds [0.6, 1.6]. The size-preserving closing keeps every class
-volume unbiased (like the raw warp), detaches coronaries less often than the raw warp (5% vs 7%),
-and with ``keep`` it cannot split a class, so its component gains (8%, vs 12% raw) are the warp's
-own (a vessel cut by the field-of-view border, coronary gaps wider than one voxel) -> default
-``closing="closing"``, ``overlap="keep"``: the best QC pass rate at unbiased volumes.
-``configs/mgm/paper.yaml`` selects the literal Eq. 6. With QC redraws (``mgm_with_qc``, at most 5
-tries, sample s of run 0): 20/20 phantoms pass (19 on the first try); per-class volume ratio of the
-passing samples 0.92-0.96 on average (range 0.75-1.26), every chamber and great vessel one
-component, coronaries <= 2 components (the two trees), all attached to the aorta.
-
-Speed like for like (``python benchmarks/mgm.py``: 8-class phantom, 1 thread for every method, the
-same max-pool closing and priority union after each, median of 3, shared 2-core machine): ours 50.8
-Mvox/s at 128³ and 54.7 at 256x256x128; the literal per-class scipy Eq. 6 33x and 47x slower, MONAI
-``Rand3DElastic`` (nearest) 60x and 166x, TorchIO ``RandomAffine`` + ``RandomElasticDeformation``
-51x (``docs/benchmarks.md``). Ours equals the literal on 99.98% of voxels, the rest being scipy's
-border rule above.
+The default is ``closing="closing"``, ``overlap="keep"``: of the five variants it has the best QC pass
+rate at unbiased class volumes, while the paper's max-pool triples the coronaries and, unioned by
+priority, splits the LV (``python benchmarks/mgm.py --study``; the table and the speed figures are in
+``docs/benchmarks.md``, "MGM closing variants"). ``configs/mgm/paper.yaml`` selects the literal Eq. 6.
 
 The warp and closing are hand-written on numpy (the per-class scipy route is the reference);
 MONAI has no priority-union label warp.
