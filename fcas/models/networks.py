@@ -45,43 +45,17 @@ __all__ = [
 # ---- builders -----------------------------------------------------------------------------------
 def build_vae(cfg: VAEConfig) -> nn.Module:
     """KL autoencoder, 1 -> ``cfg.latent_channels`` channels at 1/4 resolution per axis (CPU-safe settings)."""
+    common = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=cfg.latent_channels,
+                  num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
+                  norm_num_groups=cfg.norm_num_groups, with_encoder_nonlocal_attn=False,
+                  with_decoder_nonlocal_attn=False, use_flash_attention=False)
     if cfg.kind == "maisi":
         from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-        return AutoencoderKlMaisi(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=1,
-            latent_channels=cfg.latent_channels,
-            num_channels=cfg.channels,
-            num_res_blocks=cfg.num_res_blocks,
-            attention_levels=cfg.attention_levels,
-            norm_num_groups=cfg.norm_num_groups,
-            norm_eps=1e-6,
-            with_encoder_nonlocal_attn=False,
-            with_decoder_nonlocal_attn=False,
-            include_fc=False,
-            use_flash_attention=False,
-            use_checkpointing=False,
-            use_convtranspose=False,
-            norm_float16=False,  # fp16 norms only make sense on GPU
-            num_splits=1,
-            dim_split=1,
-            save_mem=False,
-        )
-    return AutoencoderKL(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=cfg.channels,
-        latent_channels=cfg.latent_channels,
-        num_res_blocks=cfg.num_res_blocks,
-        attention_levels=cfg.attention_levels,
-        norm_num_groups=cfg.norm_num_groups,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-        use_flash_attention=False,
-    )
+        return AutoencoderKlMaisi(num_channels=cfg.channels, norm_eps=1e-6, include_fc=False, use_checkpointing=False,
+                                  use_convtranspose=False, norm_float16=False,  # fp16 norms only make sense on GPU
+                                  num_splits=1, dim_split=1, save_mem=False, **common)
+    return AutoencoderKL(channels=cfg.channels, **common)
 
 
 def _unet_kwargs(cfg: UNetConfig, maisi: MaisiConfig | None = None) -> dict:
