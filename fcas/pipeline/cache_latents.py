@@ -22,13 +22,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fcas.diffusion.data import case_rows
 from fcas.diffusion.latent_cache import (LATENTS_SCHEMA, MANIFEST, SUMMARY, encode_latent, load_raw_batch,
                                          shard_bytes, shard_name)
 from fcas.io import manifest, storage
 from fcas.models.networks import LATENT_DOWNSAMPLE, ModelConfig, VAEConfig
+from fcas.pipeline.jobs import plain_config
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.settings import build
 
@@ -86,7 +87,7 @@ def cache_job_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> CacheJob:
     from fcas.pipeline.jobs import check_job_config
 
     check_job_config(cfg, "cache_latents")
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = plain_config(cfg)
     return build(CacheJob, {
         "data": c["data"], "out": c["out"], "shape": c["preset"]["shape"], "spacing": c["preset"]["spacing"],
         "vae": c.get("vae"), "vae_config": ModelConfig.from_dict(c.get("model") or {}).vae, "seed": c.get("seed", 0),

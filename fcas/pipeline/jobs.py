@@ -14,6 +14,13 @@ from fcas.security import CredentialsInConfigError, refuse_credentials
 from fcas.settings import build
 
 
+def plain_config(cfg) -> dict:
+    """A job's config as a plain dict: a Hydra ``DictConfig`` resolved, a mapping copied."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
 def check_job_config(cfg, job: str = "job") -> None:
     """``CredentialsInConfigError`` (a ``ValueError``) when the config holds credential keys or values.
 

@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from fcas.cal.data import load_synthetic_batch, synthetic_rows
 from fcas.training.cal import CALSettings, train_cal_loop
 from fcas.pipeline.ray_env import ensure_ray
-from fcas.pipeline.train_tcdm import inject_failure, plain_config, worker_hooks
+from fcas.pipeline.jobs import plain_config
+from fcas.pipeline.train_tcdm import inject_failure, worker_hooks
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from fcas.pipeline.jobs import plain_config
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.synthesize import Resources, SynthesisJob, run_synthesis
 from fcas.prepare import PrepareSettings
@@ -46,7 +47,7 @@ def settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> tuple[ReproduceSet
     from fcas.pipeline.jobs import check_job_config
 
     check_job_config(cfg, "reproduce")
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = plain_config(cfg)
     scale = str(c["scale"])
     if scale not in c["scales"]:
         raise ValueError(f"scale={scale!r}: choose one of {sorted(c['scales'])}")
@@ -61,7 +62,7 @@ def settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> tuple[ReproduceSet
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     s, used = settings_from_cfg(cfg)
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = plain_config(cfg)
     out = run_reproduce(s, ray_runners((c.get("ray") or {}).get("address"), bool(c.get("progress", False))), used)
     log.info("reproduce: %s", out)
     return out

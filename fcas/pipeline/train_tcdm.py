@@ -31,11 +31,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fcas.diffusion.data import case_rows, load_case_batch
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_batch
 from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
+from fcas.pipeline.jobs import plain_config
 from fcas.pipeline.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,6 @@ __all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "cases_datase
            "shard_cases", "buffer_size", "REPORT_EVERY"]
 
 REPORT_EVERY = 20  # steps between metric reports to Ray Train (checkpoint steps always report)
-
-
-def plain_config(cfg) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
 
 
 def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:

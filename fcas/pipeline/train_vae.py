@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from fcas.training.vae import VAESettings, train_vae_loop
 from fcas.diffusion.data import case_rows
 from fcas.pipeline.ray_env import ensure_ray
-from fcas.pipeline.train_tcdm import plain_config, buffer_size, cases_dataset, fit, shard_cases, worker_hooks
+from fcas.pipeline.jobs import plain_config
+from fcas.pipeline.train_tcdm import buffer_size, cases_dataset, fit, shard_cases, worker_hooks
 
 log = logging.getLogger(__name__)
 
