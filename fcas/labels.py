@@ -13,7 +13,8 @@ Encodings, each with an exact inverse:
   bit ``k`` (least significant first).
 * :func:`to_onehot` / :func:`from_onehot` -- one channel per class id.
 
-Hand-written here because MONAI has no schema object; the one-hot uses ``torch.nn.functional``.
+Hand-written here because MONAI has no schema object; the one-hot uses ``torch.nn.functional``. torch is
+imported by the encodings only, so reading a schema (every job's input checks) does not load it.
 """
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import sys
 
 import numpy as np
-import torch
 
 from fcas.config_files import CONFIG_DIR, read_config  # noqa: F401  (re-exported from here too)
+
+if TYPE_CHECKING:   # annotations only
+    import torch
 
 CARDIAC_CLASSES = (
     "left_ventricle",
@@ -174,7 +179,8 @@ class LabelSchema:
     def cardiac_only(self, mask: np.ndarray | torch.Tensor):
         """Zero every voxel that is not one of the eight cardiac classes (same type and dtype)."""
         ids = list(self.cardiac_ids)
-        if isinstance(mask, torch.Tensor):
+        torch = sys.modules.get("torch")   # a tensor exists only once torch is imported
+        if torch is not None and isinstance(mask, torch.Tensor):
             keep = torch.isin(mask, torch.tensor(ids, device=mask.device, dtype=mask.dtype))
             return torch.where(keep, mask, torch.zeros_like(mask))
         mask = np.asarray(mask)
@@ -255,6 +261,7 @@ def default_schema() -> LabelSchema:
 
 # ---- encodings ------------------------------------------------------------------------------
 def _as_long(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    import torch
     t = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels)
     if t.is_floating_point():
         raise ValueError(f"label map must be integer, got {t.dtype}")
@@ -268,6 +275,7 @@ def to_bits(labels: torch.Tensor | np.ndarray, n_bits: int, channel_dim: int = 0
     channel axis of size ``n_bits`` inserted at ``channel_dim`` (LSB first), e.g. ``(n_bits, D, H, W)``
     or, with ``channel_dim=1``, ``(B, n_bits, D, H, W)``.
     """
+    import torch
     t = _as_long(labels)
     if t.numel() and (t.min() < 0 or t.max() >= 2**n_bits):
         raise ValueError(f"label ids must be in [0, {2**n_bits - 1}] for {n_bits} bits, got [{int(t.min())}, {int(t.max())}]")
@@ -278,6 +286,7 @@ def to_bits(labels: torch.Tensor | np.ndarray, n_bits: int, channel_dim: int = 0
 
 def from_bits(planes: torch.Tensor, channel_dim: int = 0, threshold: float = 0.5) -> torch.Tensor:
     """Inverse of :func:`to_bits`: planes ``> threshold`` are set bits; returns int64 ids."""
+    import torch
     n_bits = planes.shape[channel_dim]
     bits = (torch.movedim(planes, channel_dim, -1) > threshold).long()
     weights = 2 ** torch.arange(n_bits, device=planes.device)
@@ -286,6 +295,7 @@ def from_bits(planes: torch.Tensor, channel_dim: int = 0, threshold: float = 0.5
 
 def to_onehot(labels: torch.Tensor | np.ndarray, num_classes: int, channel_dim: int = 0) -> torch.Tensor:
     """One-hot: ids ``(...)`` -> float32 with ``num_classes`` channels inserted at ``channel_dim``."""
+    import torch
     t = _as_long(labels)
     if t.numel() and (t.min() < 0 or t.max() >= num_classes):
         raise ValueError(f"label ids must be in [0, {num_classes - 1}], got [{int(t.min())}, {int(t.max())}]")

@@ -26,9 +26,6 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import BorderPadd, Compose, Orientationd, SpatialCropd, Spacingd
 
 from fcas.io import nifti, storage, volumes
 from fcas.labels import LabelSchema, SourceMapping
@@ -245,6 +242,10 @@ def to_preset_grid(image: np.ndarray, label: np.ndarray, affine: np.ndarray, sch
     image: (D, H, W) float HU; label: (D, H, W) uint8 -> the same on ``settings.shape``, plus
     the new affine (4, 4) float64.
     """
+    import torch   # here: the settings and the input checks of `prepare` need neither torch nor MONAI
+    from monai.data import MetaTensor
+    from monai.transforms import BorderPadd, Compose, Orientationd, SpatialCropd, Spacingd
+
     aff = torch.as_tensor(affine, dtype=torch.float64)
     data = {
         "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image))[None], affine=aff),

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fcas.pipeline.commands import run_job  # noqa: E402
-from fcas.pipeline.commands.prepare import main, run  # noqa: E402,F401  (the job itself; importable as before)
+from fcas.pipeline.commands import run_job  # noqa: E402  (the job itself: fcas/pipeline/commands/<job>.py)
 
 if __name__ == "__main__":
     run_job("prepare")

@@ -1,5 +1,5 @@
 """fcas.evaluation + jobs/evaluate.py on tiny phantom data written in the test."""
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -260,9 +260,7 @@ def test_hydra_entry_point_segmentation_with_learning_curve(tmp_path, seg_folder
     gt, pred, _ = seg_folders
     curve = tmp_path / "train.csv"
     curve.write_text("step,loss\n" + "".join(f"{i},{1 / (i + 1)}\n" for i in range(60)))
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = importlib.import_module("fcas.pipeline.commands.evaluate")   # what jobs/evaluate.py runs
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose(config_name="evaluate", overrides=[f"data={gt}", f"pred={pred}", f"out={tmp_path / 'out'}",
                                                           f"learning_curve={curve}", "rdice_radius=2"])

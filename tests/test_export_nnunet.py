@@ -1,5 +1,5 @@
 """export_nnunet: a prepared-cases table + a synthesis run (+ one corrupt file) -> nnU-Net v2 raw dataset."""
-import importlib.util
+import importlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -245,13 +245,11 @@ def test_case_names_are_sanitized():
 
 
 def test_hydra_entry_point_exports_to_s3(tmp_path, sources, s3_uri):
-    """jobs/export_nnunet.py with its config (Hydra compose), local inputs -> s3:// output."""
+    """The export_nnunet job (jobs/export_nnunet.py runs it) with its config (Hydra compose), local inputs -> s3:// output."""
     from hydra import compose, initialize_config_dir
 
     cases_uri, run, _, _ = sources
-    spec = importlib.util.spec_from_file_location("export_job", ROOT / "jobs" / "export_nnunet.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = importlib.import_module("fcas.pipeline.commands.export_nnunet")   # what jobs/export_nnunet.py runs
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose(config_name="export_nnunet",
                       overrides=[f"run={run}", f"cases={cases_uri}", f"out={s3_uri}", "dataset_id=42",

@@ -109,3 +109,23 @@ def test_packages_import_each_other_without_cycles():
     cycle = find_cycle(graph)
     assert cycle is None, "package cycle " + " -> ".join(cycle) + ": " + "; ".join(
         f"{a}->{b} in {sorted(graph[a][b])}" for a, b in zip(cycle, cycle[1:]))
+
+
+# the modules a job passes through before its input checks answer: they load neither MONAI nor Ray Train
+CHECK_PATH = ("fcas.pipeline.commands", *(f"fcas.pipeline.commands.{job}" for job in (
+    "synthesize", "prepare", "plan", "train_vae", "cache_latents", "train_tcdm", "pretrain_cal", "evaluate",
+    "export_nnunet", "reproduce")), "fcas.pipeline.train_tcdm", "fcas.pipeline.train_vae", "fcas.pipeline.prepare",
+    "fcas.training.tcdm_settings", "fcas.training.vae_settings", "fcas.models.configs", "fcas.models.bundle",
+    "fcas.models.maisi", "fcas.diffusion.schedulers", "fcas.labels", "fcas.prepare")
+
+
+def test_the_input_check_path_loads_neither_monai_nor_ray_train():
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            f"for m in {CHECK_PATH!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('monai', 'ray.train', 'ray.data') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"loaded on the input-check path: {proc.stdout.strip()}"

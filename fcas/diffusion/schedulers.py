@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 __all__ = ["SchedulerConfig", "build_train_scheduler", "build_sampling_scheduler", "sample_timesteps", "training_target"]
 
@@ -33,6 +32,8 @@ class SchedulerConfig:
 
 
 def build_train_scheduler(cfg: SchedulerConfig):
+    from monai.networks.schedulers import DDPMScheduler, RFlowScheduler   # here: the config alone needs no MONAI
+
     if cfg.kind == "rflow":
         return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=True)
     return DDPMScheduler(
@@ -52,6 +53,8 @@ def build_sampling_scheduler(cfg: SchedulerConfig, sampler: str, num_inference_s
         )
     if not 1 <= num_inference_steps <= cfg.num_train_timesteps:
         raise ValueError(f"steps must be in [1, {cfg.num_train_timesteps}], got {num_inference_steps}")
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
     if sampler == "rflow":
         s = RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=True)
     else:
@@ -74,6 +77,8 @@ def sample_timesteps(scheduler, n: int, generator: torch.Generator | None = None
 
 def training_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the network regresses: noise (DDPM, Eq. 3), ``z0 - noise`` (RFlow) or the velocity."""
+    from monai.networks.schedulers import RFlowScheduler
+
     if isinstance(scheduler, RFlowScheduler):
         return z0 - noise
     pred = getattr(scheduler, "prediction_type", "epsilon")

@@ -13,7 +13,7 @@ from torch import nn
 from fcas.bundled import resolve
 from fcas.models.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, load_into
 from fcas.io import storage
-from fcas.models.networks import ModelConfig, VAEConfig, build_vae
+from fcas.models.configs import ModelConfig, VAEConfig
 
 __all__ = ["load_vae", "vae_digest", "tcdm_weights", "checkpoint_folder"]
 
@@ -43,6 +43,8 @@ def load_vae(spec: str | None, cfg: VAEConfig, seed: int = 0) -> tuple[nn.Module
     ``maisi:<uri>`` (MAISI's released weights at the MAISI architecture), or ``None`` / ``random``:
     an untrained VAE seeded by ``seed`` (a fixed deterministic encoder; for tests only).
     """
+    from fcas.models.networks import build_vae   # here: digests and configs need no MONAI
+
     if spec in (None, "", "random", "none"):
         warnings.warn("TCDM uses an untrained (random) VAE: fine for tests, useless for images", stacklevel=2)
         with torch.random.fork_rng():

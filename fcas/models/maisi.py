@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from fcas.io import storage
 from fcas.models.checkpoint import load_into, load_state_file
-from fcas.models.networks import TCDM
+
+if TYPE_CHECKING:   # annotations only: the init spec is parsed and checked without MONAI
+    from fcas.models.networks import TCDM
 
 log = logging.getLogger(__name__)
 

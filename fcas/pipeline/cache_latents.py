@@ -28,7 +28,7 @@ from fcas.diffusion.data import case_rows
 from fcas.diffusion.latent_cache import (LATENTS_SCHEMA, MANIFEST, SUMMARY, encode_latent, load_raw_batch,
                                          shard_bytes, shard_name)
 from fcas.io import manifest, storage
-from fcas.models.networks import LATENT_DOWNSAMPLE, ModelConfig, VAEConfig
+from fcas.models.configs import LATENT_DOWNSAMPLE, ModelConfig, VAEConfig
 from fcas.pipeline.jobs import plain_config
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.settings import build

@@ -22,9 +22,8 @@ import ray
 from fcas.bundled import resolve
 from fcas.deform.stage import MGMStage
 from fcas.io import storage
-from fcas.synthesis.datalist import DATALIST_FILE, write_datalist
 from fcas.models.checkpoint import checkpoint_digest, latest_checkpoint
-from fcas.models.networks import LATENT_DOWNSAMPLE
+from fcas.models.configs import LATENT_DOWNSAMPLE
 from fcas.pipeline.prepare import PrepareJob, run_prepare
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.prepare import PrepareSettings
@@ -32,7 +31,8 @@ from fcas.synthesis.faults import FaultPlan
 from fcas.security import safe_child
 from fcas.synthesis.identity import check_identity, library_digest
 from fcas.synthesis.lease import LEASE_FILE, Lease, acquire_lease
-from fcas.synthesis.outputs import compact_run, finished_ids, read_run_manifest, rejected_ids, remove_temporaries
+from fcas.synthesis.outputs import (DATALIST_FILE, compact_run, finished_ids, read_run_manifest, rejected_ids,
+                                   remove_temporaries)
 from fcas.synthesis.plan import TemplateLibrary, plan_sample
 from fcas.synthesis.sampler import SamplerSettings, SamplerStage
 from fcas.synthesis.writer import WriterStage
@@ -262,6 +262,8 @@ def _run_leased(job: SynthesisJob, lease: Lease, library: TemplateLibrary | None
     compact_run(job.out, min_shards=2)
     table = read_run_manifest(job.out)
     if table.num_rows:   # MONAI users load the run from it (paths relative to out)
+        from fcas.synthesis.datalist import write_datalist   # MONAI's Dataset: imported once the run is written
+
         write_datalist(job.out)
     elapsed = time.time() - t_start
     written_ids = table.column("sample_id").to_numpy()

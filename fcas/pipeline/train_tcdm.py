@@ -1,4 +1,5 @@
 """Ray Train wiring of TCDM (and VAE) training: ``TorchTrainer`` with DDP over CPU or GPU workers.
+Ray Train and the training loop are imported where they run, so a job's input checks answer before they load.
 
 The loop itself is :func:`fcas.training.tcdm.train_tcdm_loop` (plain PyTorch); this module adds
 the Ray lines: ``prepare_model`` (DDP + device), ``get_context`` (rank, world size) and ``report``
@@ -25,19 +26,19 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import ray
-import ray.train
-import ray.train.torch
-import torch
 from omegaconf import DictConfig
 
 from fcas.diffusion.data import case_rows, load_case_batch
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_batch
-from fcas.training.tcdm import TCDMSettings, train_tcdm_loop
+from fcas.training.tcdm_settings import TCDMSettings
 from fcas.pipeline.jobs import plain_config
 from fcas.pipeline.ray_env import ensure_ray
+
+if TYPE_CHECKING:   # annotations only
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:
 
 def worker_hooks() -> tuple[int, int, torch.device, Callable, Callable]:
     """Inside a Ray Train worker: ``(rank, world_size, device, wrap_model, report)``."""
+    import ray.train.torch
+    import torch
+
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -109,6 +113,8 @@ def cases_dataset(rows: list[dict], shape, spacing, cpus: float = 0.25, seed: in
     Only the manifest rows reach the driver; each loading task reads one case (one block). The block
     order is reshuffled every epoch, reproducibly from ``seed``.
     """
+    import ray.data
+
     if cpus <= 0:
         raise ValueError(f"need trainer.data_cpus > 0, got {cpus}")
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -123,6 +129,8 @@ def cached_cases_dataset(rows: list[dict], cpus: float = 0.25, seed: int = 0) ->
     row, one case per block, the block order reshuffled every epoch (as :func:`cases_dataset`)."""
     if cpus <= 0:
         raise ValueError(f"need trainer.data_cpus > 0, got {cpus}")
+    import ray.data
+
     items = [{"case_id": r["case_id"], "uri": r["uri"]} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
@@ -131,6 +139,8 @@ def cached_cases_dataset(rows: list[dict], cpus: float = 0.25, seed: int = 0) ->
 
 def shard_cases():
     """Inside a worker: an endless iterator of single cases from its ``train`` shard (epoch after epoch)."""
+    import ray.train
+
     shard = ray.train.get_dataset_shard("train")
     epoch = 0
     while True:
@@ -172,6 +182,8 @@ def inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: i
 
 
 def _tcdm_worker(config: dict) -> None:
+    from fcas.training.tcdm import train_tcdm_loop
+
     settings = TCDMSettings.from_dict(config["settings"])
     rank, world, device, wrap, report = worker_hooks()
     report = inject_failure(report, settings.out, config.get("fail_at_step"), rank)
@@ -197,6 +209,8 @@ def fit(
     """Run ``worker`` on a Ray Train ``TorchTrainer`` (DDP, gloo on CPU / nccl on GPU), ``datasets`` sharded."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    import ray.train.torch
+
     ensure_ray(address)
     storage_path = storage_path or os.path.join(tempfile.gettempdir(), "fcas_ray_train")
     trainer = ray.train.torch.TorchTrainer(

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
-from fcas.training.vae import VAESettings, train_vae_loop
+from fcas.training.vae_settings import VAESettings
 from fcas.diffusion.data import case_rows
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.pipeline.jobs import plain_config
@@ -37,6 +37,8 @@ def vae_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> VAESettings:
 
 
 def _vae_worker(config: dict) -> None:
+    from fcas.training.vae import train_vae_loop
+
     settings = VAESettings.from_dict(config["settings"])
     rank, world, device, wrap, report = worker_hooks()
     summary = train_vae_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
@@ -58,8 +60,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
                        train=replace(settings.train, val_data=absolute(settings.train.val_data)))
     tr = plain_config(cfg).get("trainer") or {}
     workers = int(tr.get("num_workers", 2))
+    rows = case_rows(settings.data, "train")   # a missing data source is one line, before Ray starts
     ensure_ray(tr.get("address"))
-    rows = case_rows(settings.data, "train")
     ds = cases_dataset(rows, settings.shape, settings.spacing, float(tr.get("data_cpus", 0.25)), settings.train.seed)
     k = buffer_size(settings.train.buffer_cases, len(rows), workers, 1)
     settings = replace(settings, train=replace(settings.train, buffer_cases=k))

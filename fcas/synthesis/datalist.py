@@ -30,12 +30,11 @@ from monai.transforms import Compose, LoadImaged
 from monai.utils import ensure_tuple
 
 from fcas.io import storage
-from fcas.synthesis.outputs import read_run_manifest, sample_name
+from fcas.synthesis.outputs import DATALIST_FILE, read_run_manifest, sample_name
 
 __all__ = ["KEYS", "DATALIST_FILE", "run_datalist", "write_datalist", "FsspecNibabelReader", "run_dataset", "main"]
 
 KEYS = {"image": "image_uri", "label": "label_uri", "confidence": "confidence_uri"}   # datalist key -> column
-DATALIST_FILE = "datalist.json"
 
 
 def run_datalist(out: str | os.PathLike, relative: bool = False) -> dict[str, Any]:

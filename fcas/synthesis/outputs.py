@@ -42,6 +42,7 @@ SYNTHESIS_SCHEMA = manifest.make_schema(
     version=2,   # v2: the *_uri columns are relative to the run root (v1: absolute URIs)
 )
 manifest.SCHEMAS["synthesis"] = SYNTHESIS_SCHEMA
+DATALIST_FILE = "datalist.json"   # the run's MONAI datalist (fcas.synthesis.datalist)
 URI_COLUMNS = ("image_uri", "label_uri", "confidence_uri", "preview_uri")
 
 SAMPLE_REJECTS_SCHEMA = manifest.make_schema(

@@ -30,7 +30,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 import torch
 
 from fcas.io import storage
-from fcas.models.networks import jsonable
+from fcas.models.configs import jsonable
 from fcas.models.checkpoint import (Checkpoint, checkpoint_dir, config_hash, latest_checkpoint, list_checkpoints,
                                     load_checkpoint, no_report, save_checkpoint)
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from fcas.diffusion.conditioning import ConditionConfig
 from fcas.diffusion.schedulers import SchedulerConfig
-from fcas.models.networks import ModelConfig, jsonable
+from fcas.models.configs import ModelConfig, jsonable
 from fcas.models.optim import SCHEDULES
 from fcas.settings import build
 from fcas.training.loop import check_amp_dtype

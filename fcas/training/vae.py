@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -26,61 +26,16 @@ import torch
 from fcas.diffusion.data import CaseArrays, CaseBuffer, crop_slices, load_cases
 from fcas.diffusion.pairs import refill_rng, step_rng
 from fcas.io import storage
-from fcas.models.optim import SCHEDULES, lr_at
+from fcas.models.optim import lr_at
 from fcas.models.checkpoint import config_hash, load_into, no_report
-from fcas.models.networks import VAEConfig, build_vae
+from fcas.models.networks import build_vae, jsonable, set_activation_checkpointing
 from fcas.models.vae import compute_scale_factor, vae_loss, vae_decode, vae_encode
-from fcas.models.networks import jsonable, set_activation_checkpointing
-from fcas.settings import build
-from fcas.training.loop import TrainingRun, amp_context, check_amp_dtype, grad_scaler
+from fcas.training.loop import TrainingRun, amp_context, grad_scaler
+from fcas.training.vae_settings import VAESettings, VAETrainConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["VAETrainConfig", "VAESettings", "train_vae_loop", "lr_at", "augment_crop", "reconstruction_scores"]
-
-
-@dataclass(frozen=True)
-class VAETrainConfig:
-    steps: int = 200
-    batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "constant"      # constant | cosine (decay to lr_min at `steps`)
-    warmup_steps: int = 0           # linear warm-up from 0 to lr
-    lr_min: float = 0.0
-    crop: tuple[int, int, int] | None = None
-    kl_weight: float = 1e-6
-    ssim_weight: float = 0.0        # weight of 1 - SSIM next to L1
-    adv_weight: float = 0.0         # patch adversarial term (0: off)
-    adv_start: int = 0              # steps of warm-up before the adversarial term starts
-    disc_lr: float = 1e-4
-    augment: bool = False           # random flips of every axis per crop
-    intensity_jitter: bool = False  # and intensity scale/shift per crop
-    val_data: str | None = None     # held-out cases scored (SSIM / PSNR) at every checkpoint
-    seed: int = 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    scale_factor_cases: int = 8
-    buffer_cases: int = 8           # streamed training: cases a worker holds (crops are drawn among them)
-    # GPU memory / speed levers (docs/benchmarks.md): autocast on CUDA, MONAI's activation checkpointing of
-    # encoder and decoder, channels-last-3d layout of weights and crops
-    amp: bool = False
-    amp_dtype: str = "bfloat16"     # bfloat16 | float16 (with a loss scaler)
-    activation_checkpointing: bool = False
-    channels_last: bool = False
-
-    def __post_init__(self) -> None:
-        if self.crop is not None:
-            object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
-        check_amp_dtype(self.amp_dtype)
-        if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError(f"bad VAE train settings steps={self.steps} batch_size={self.batch_size}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown VAE lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
-        if self.warmup_steps < 0 or self.adv_start < 0 or min(self.ssim_weight, self.adv_weight, self.kl_weight) < 0:
-            raise ValueError("VAE warmup_steps, adv_start and the loss weights must be >= 0")
-        if self.buffer_cases < 1:
-            raise ValueError(f"VAE buffer_cases must be >= 1, got {self.buffer_cases}")
 
 
 def augment_crop(x: torch.Tensor, rng, intensity: bool = False) -> torch.Tensor:
@@ -110,31 +65,6 @@ def reconstruction_scores(vae: torch.nn.Module, images: torch.Tensor, device) ->
         ss.append(float(ssim(r[0, 0].cpu(), x[0, 0].cpu())))
         ps.append(psnr(r[0, 0].cpu(), x[0, 0].cpu()))
     return {"val_ssim": sum(ss) / len(ss), "val_psnr": sum(ps) / len(ps)}
-
-
-@dataclass(frozen=True)
-class VAESettings:
-    data: str
-    out: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    preset: str = "tiny"
-    model_name: str = "tiny"
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    train: VAETrainConfig = field(default_factory=VAETrainConfig)
-
-    @classmethod
-    def before_build(cls, d: dict) -> dict:
-        """Read by :func:`fcas.settings.build`: a config that names no preset or model is ``custom``."""
-        return {"preset": "custom", "model_name": "custom", **d}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VAESettings":
-        return build(cls, d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def _discriminator():

@@ -5,12 +5,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fcas.bundled import config_dir
-from fcas.evaluation import run_evaluation, settings_from_dict
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.evaluation import run_evaluation, settings_from_dict
+
     s = settings_from_dict(OmegaConf.to_container(cfg, resolve=True))
     m = run_evaluation(s)
     if m["mode"] == "segmentation":

@@ -5,12 +5,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fcas.bundled import config_dir
-from fcas.export.nnunet import export_nnunet, settings_from_dict
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.export.nnunet import export_nnunet, settings_from_dict
+
     s = export_nnunet(settings_from_dict(OmegaConf.to_container(cfg, resolve=True)))
     print(f"export_nnunet: {s['numTraining']} training + {s['numTest']} test cases, {s['rejected']} rejected, "
           f"{s['skipped']} kept from an earlier run, {s['folds']} folds in {s['seconds']} s -> {s['dataset']}")

@@ -7,11 +7,12 @@ from omegaconf import DictConfig
 from fcas.bundled import config_dir
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
-from fcas.pipeline.jobs import prepare_job_from_cfg
-from fcas.pipeline.prepare import run_prepare
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.pipeline.jobs import prepare_job_from_cfg
+    from fcas.pipeline.prepare import run_prepare
+
     summary = run_prepare(prepare_job_from_cfg(cfg), ray_address=cfg.ray.address)
     print(f"prepare: {summary['written']} cases written, {summary['rejected']} rejected "
           f"(splits {summary['splits']}) in {summary['seconds']} s -> {summary['out']}")

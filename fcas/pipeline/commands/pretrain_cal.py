@@ -7,10 +7,11 @@ from omegaconf import DictConfig
 from fcas.bundled import config_dir
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
-from fcas.pipeline.pretrain_cal import run as _run
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.pipeline.pretrain_cal import run as _run
+
     s = _run(cfg)
     print(f"pretrain_cal: step {s['step']}, last loss {s['last_loss']}, checkpoint {s['latest_checkpoint']}")
     return s

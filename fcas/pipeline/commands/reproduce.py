@@ -7,10 +7,11 @@ from omegaconf import DictConfig
 from fcas.bundled import config_dir
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
-from fcas.pipeline.reproduce import run as _run
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.pipeline.reproduce import run as _run
+
     out = _run(cfg)
     print(f"reproduce: results in {out['results']}; stage seconds {out['stages']}")
     return out

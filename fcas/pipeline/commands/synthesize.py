@@ -7,11 +7,12 @@ from omegaconf import DictConfig
 from fcas.bundled import config_dir
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
-from fcas.pipeline.jobs import synthesis_job_from_cfg
-from fcas.pipeline.synthesize import run_synthesis
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.pipeline.jobs import synthesis_job_from_cfg
+    from fcas.pipeline.synthesize import run_synthesis
+
     job = synthesis_job_from_cfg(cfg)
     s = run_synthesis(job, ray_address=cfg.ray.address, progress=bool(cfg.progress))
     print(f"synthesize: {s['n_written']}/{s['n_requested']} samples in the manifest "

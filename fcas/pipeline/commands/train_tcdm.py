@@ -7,10 +7,11 @@ from omegaconf import DictConfig
 from fcas.bundled import config_dir
 from fcas.cli import user_errors
 from fcas.pipeline.commands import run_job
-from fcas.pipeline.train_tcdm import run as _run
 
 
 def run(cfg: DictConfig) -> dict:
+    from fcas.pipeline.train_tcdm import run as _run
+
     summary = _run(cfg)
     print(f"train_tcdm: latest checkpoint {summary['latest_checkpoint']}")
     return summary
