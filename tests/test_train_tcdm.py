@@ -346,3 +346,28 @@ def test_tcdm_memory_levers_keep_the_loss(tmp_path, tiny_cases):
     assert last[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
     with pytest.raises(ValueError, match="amp_dtype must be one of"):
         TCDMSettings.from_dict({**_settings(tmp_path, 2).to_dict(), "train": {"amp_dtype": "fp8"}})
+
+
+def test_a_trainer_that_holds_every_local_cpu_is_refused_before_training(tmp_path, ray_local):
+    """A worker of all the local Ray's CPUs would leave the data stream's loading tasks unschedulable (the
+    job would wait forever for its first case): refused with one line that names the limit."""
+    from fcas.pipeline.ray_env import check_training_cpus
+    from fcas.pipeline.train_vae import run
+
+    total = ray_local.cluster_resources()["CPU"]
+    check_training_cpus(1, total - 0.25, 0.25)   # fits exactly
+    check_training_cpus(1, total, 0.25, address="auto")   # a cluster may grow: not ours to refuse
+    from hydra import compose, initialize_config_dir
+
+    from fcas.bundled import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        model = compose(config_name="train_vae", overrides=["model=tiny"]).model
+    cfg = {"preset": {"name": "tiny", **{k: TINY[k] for k in ("shape", "spacing")}}, "model": model,
+           "data": "phantom:2", "out": str(tmp_path / "vae"),
+           "train": {"steps": 2, "checkpoint_every": 2},
+           "trainer": {"num_workers": 1, "cpus_per_worker": total, "progress": False}}
+    with pytest.raises(ValueError, match=rf"hold {total:g} of this local Ray's {total:g} CPUs, leaving none for the "
+                                         rf"data tasks \(0.25 CPU each\): use trainer.cpus_per_worker<={total - 0.25:g}"):
+        run(cfg)
+    assert not (tmp_path / "vae").exists()

@@ -15,6 +15,7 @@ task for ``data.cpus`` (0.25), so on a 2-CPU machine two workers leave a CPU for
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from typing import Any, Mapping
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 
 from fcas.cal.data import load_synthetic_batch, synthetic_rows
 from fcas.training.cal import CALSettings, train_cal_loop
-from fcas.pipeline.ray_env import ensure_ray
+from fcas.pipeline.ray_env import check_training_cpus, ensure_ray
 from fcas.pipeline.jobs import plain_config
 from fcas.pipeline.train_tcdm import inject_failure, worker_hooks
 
@@ -91,7 +92,7 @@ def _shard_batches(batch_size: int):
 
 def _cal_worker(config: dict) -> None:
     settings = CALSettings.from_dict(config["settings"])
-    rank, world, device, wrap, report = worker_hooks()
+    rank, world, device, wrap, report = worker_hooks(config.get("threads"))
     report = inject_failure(report, settings.out, config.get("fail_at_step"), rank)
     stream = _shard_batches(settings.train.batch_size) if config.get("stream") else None
     summary = train_cal_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap, report=report,
@@ -116,10 +117,12 @@ def fit_cal(settings: CALSettings, *, num_workers: int = 2, use_gpu: bool = Fals
     stream = settings.train.pretrain_steps > done
     datasets = {"train": synthetic_dataset(settings.syn, settings.schema, data_cpus, rows_per_block,
                                            seed=settings.train.seed)} if stream else None
+    if stream:
+        check_training_cpus(num_workers, cpus_per_worker, data_cpus, address)
     trainer = ray.train.torch.TorchTrainer(
         _cal_worker,
         train_loop_config={"settings": settings.to_dict(), "stream": stream, "progress": progress,
-                           "fail_at_step": fail_at_step},
+                           "fail_at_step": fail_at_step, "threads": math.ceil(cpus_per_worker)},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -37,3 +37,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+
+
+def check_training_cpus(num_workers: int, cpus_per_worker: float, data_cpus: float,
+                        address: str | None = None) -> None:
+    """On a local Ray (no ``address``, no ``RAY_ADDRESS``; an autoscaling cluster may still grow): refuse a
+    trainer whose workers hold every CPU, since its Ray Data loading tasks (``data_cpus`` each) could then
+    never be scheduled and the training would wait forever for its first case."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    total = float(ray.cluster_resources().get("CPU", 0))
+    held = num_workers * cpus_per_worker
+    if held + data_cpus > total + 1e-9:
+        raise ValueError(f"trainer.num_workers={num_workers} x trainer.cpus_per_worker={cpus_per_worker:g} hold "
+                         f"{held:g} of this local Ray's {total:g} CPUs, leaving none for the data tasks "
+                         f"({data_cpus:g} CPU each): use trainer.cpus_per_worker<={(total - data_cpus) / num_workers:g}")
+

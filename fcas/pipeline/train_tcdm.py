@@ -24,6 +24,7 @@ the same rows -> one case per block -> reshuffled, each case now with its ``late
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -35,7 +36,7 @@ from fcas.diffusion.data import case_rows, load_case_batch
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_batch
 from fcas.training.tcdm_settings import TCDMSettings
 from fcas.pipeline.jobs import plain_config
-from fcas.pipeline.ray_env import ensure_ray
+from fcas.pipeline.ray_env import check_training_cpus, ensure_ray
 
 if TYPE_CHECKING:   # annotations only
     import torch
@@ -75,15 +76,17 @@ def tcdm_settings_from_cfg(cfg: DictConfig | Mapping[str, Any]) -> TCDMSettings:
     )
 
 
-def worker_hooks() -> tuple[int, int, torch.device, Callable, Callable]:
-    """Inside a Ray Train worker: ``(rank, world_size, device, wrap_model, report)``."""
+def worker_hooks(threads: int | None = None) -> tuple[int, int, torch.device, Callable, Callable]:
+    """Inside a Ray Train worker: ``(rank, world_size, device, wrap_model, report)``. On CPU, torch runs
+    ``threads`` threads (:func:`fit` passes ``ceil(cpus_per_worker)``: Ray's OMP_NUM_THREADS is the floor, so
+    a worker of 1.75 CPUs, which leaves a quarter for the data tasks, would otherwise run one)."""
     import ray.train.torch
     import torch
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(max(1, int(threads or os.environ.get("OMP_NUM_THREADS", "1"))))
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if ctx.get_world_size() == 1:
@@ -185,7 +188,7 @@ def _tcdm_worker(config: dict) -> None:
     from fcas.training.tcdm import train_tcdm_loop
 
     settings = TCDMSettings.from_dict(config["settings"])
-    rank, world, device, wrap, report = worker_hooks()
+    rank, world, device, wrap, report = worker_hooks(config.get("threads"))
     report = inject_failure(report, settings.out, config.get("fail_at_step"), rank)
     summary = train_tcdm_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
                               report=report, progress=config.get("progress", True), case_stream=shard_cases)
@@ -205,6 +208,7 @@ def fit(
     max_failures: int = 0,
     cpus_per_worker: float = 0.5,
     datasets: dict | None = None,
+    data_cpus: float = 0.25,
 ) -> ray.train.Result:
     """Run ``worker`` on a Ray Train ``TorchTrainer`` (DDP, gloo on CPU / nccl on GPU), ``datasets`` sharded."""
     if num_workers < 1:
@@ -212,10 +216,12 @@ def fit(
     import ray.train.torch
 
     ensure_ray(address)
+    if datasets:
+        check_training_cpus(num_workers, cpus_per_worker, data_cpus, address)
     storage_path = storage_path or os.path.join(tempfile.gettempdir(), "fcas_ray_train")
     trainer = ray.train.torch.TorchTrainer(
         worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "threads": math.ceil(cpus_per_worker)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
@@ -272,6 +278,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
         max_failures=int(tr.get("max_failures", 0)),
         cpus_per_worker=float(tr.get("cpus_per_worker", 0.5)),
         datasets={"train": ds},
+        data_cpus=data_cpus,
     )
     latest = latest_checkpoint(settings.out)
     summary = {"metrics": dict(result.metrics or {}), "latest_checkpoint": latest,

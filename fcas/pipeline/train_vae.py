@@ -40,7 +40,7 @@ def _vae_worker(config: dict) -> None:
     from fcas.training.vae import train_vae_loop
 
     settings = VAESettings.from_dict(config["settings"])
-    rank, world, device, wrap, report = worker_hooks()
+    rank, world, device, wrap, report = worker_hooks(config.get("threads"))
     summary = train_vae_loop(settings, rank=rank, world_size=world, device=device, wrap_model=wrap,
                              report=report, progress=config.get("progress", True), case_stream=shard_cases)
     if summary["steps_run"] == 0:
@@ -62,11 +62,12 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     workers = int(tr.get("num_workers", 2))
     rows = case_rows(settings.data, "train")   # a missing data source is one line, before Ray starts
     ensure_ray(tr.get("address"))
-    ds = cases_dataset(rows, settings.shape, settings.spacing, float(tr.get("data_cpus", 0.25)), settings.train.seed)
+    data_cpus = float(tr.get("data_cpus", 0.25))
+    ds = cases_dataset(rows, settings.shape, settings.spacing, data_cpus, settings.train.seed)
     k = buffer_size(settings.train.buffer_cases, len(rows), workers, 1)
     settings = replace(settings, train=replace(settings.train, buffer_cases=k))
     result = fit(_vae_worker, {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True))},
-                 name=f"vae-{settings.preset}", num_workers=workers, datasets={"train": ds},
+                 name=f"vae-{settings.preset}", num_workers=workers, datasets={"train": ds}, data_cpus=data_cpus,
                  use_gpu=bool(tr.get("use_gpu", False)), address=tr.get("address"),
                  storage_path=tr.get("storage_path"), max_failures=int(tr.get("max_failures", 0)),
                  cpus_per_worker=float(tr.get("cpus_per_worker", 0.5)))
