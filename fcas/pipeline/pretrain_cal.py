@@ -15,9 +15,6 @@ task for ``data.cpus`` (0.25), so on a 2-CPU machine two workers leave a CPU for
 from __future__ import annotations
 
 import logging
-import math
-import os
-import tempfile
 from typing import Any, Mapping
 
 import ray
@@ -27,9 +24,9 @@ from omegaconf import DictConfig
 
 from fcas.cal.data import load_synthetic_batch, synthetic_rows
 from fcas.training.cal import CALSettings, train_cal_loop
-from fcas.pipeline.ray_env import check_training_cpus, ensure_ray
+from fcas.pipeline.ray_env import ensure_ray
 from fcas.pipeline.jobs import plain_config
-from fcas.pipeline.train_tcdm import inject_failure, worker_hooks
+from fcas.pipeline.train_tcdm import fit, inject_failure, worker_hooks
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +114,11 @@ def fit_cal(settings: CALSettings, *, num_workers: int = 2, use_gpu: bool = Fals
     stream = settings.train.pretrain_steps > done
     datasets = {"train": synthetic_dataset(settings.syn, settings.schema, data_cpus, rows_per_block,
                                            seed=settings.train.seed)} if stream else None
-    if stream:
-        check_training_cpus(num_workers, cpus_per_worker, data_cpus, address)
-    trainer = ray.train.torch.TorchTrainer(
-        _cal_worker,
-        train_loop_config={"settings": settings.to_dict(), "stream": stream, "progress": progress,
-                           "fail_at_step": fail_at_step, "threads": math.ceil(cpus_per_worker)},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"cal-{settings.preset}",
-            storage_path=storage_path or os.path.join(tempfile.gettempdir(), "fcas_ray_train"),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-        datasets=datasets,
-    )
-    return trainer.fit()
+    return fit(_cal_worker, {"settings": settings.to_dict(), "stream": stream, "progress": progress,
+                             "fail_at_step": fail_at_step},
+               name=f"cal-{settings.preset}", num_workers=num_workers, use_gpu=use_gpu, address=address,
+               storage_path=storage_path, max_failures=max_failures, cpus_per_worker=cpus_per_worker,
+               datasets=datasets, data_cpus=data_cpus)
 
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
