@@ -8,21 +8,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install demo test docs-check clean weights tiny-checkpoint reproduce
 
-# uv installs the same pins about 10x faster than pip (12 s against 2-3 min here); pip is the fallback. uv does
-# not read pip's config, so pip's find-links (where a CPU build of torch may lie) are passed on to it, and it
-# compiles the bytecode as pip does (with PYTHONDONTWRITEBYTECODE=1, as here, every process would otherwise
-# recompile torch, MONAI and Ray: the suite ran at about half speed).
-FIND_LINKS = $(sort $(PIP_FIND_LINKS) $(shell $(PY) -m pip config get global.find-links 2>/dev/null))
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	if $(BIN)/python -m pip install --quiet uv; then \
-	    $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
-	        $(foreach d,$(FIND_LINKS),--find-links $(d)) "$(TORCH)" -e ".[test]"; \
-	else \
-	    $(BIN)/python -m pip install --quiet --upgrade pip && \
-	    $(BIN)/python -m pip install --quiet "$(TORCH)" && \
-	    $(BIN)/python -m pip install --quiet -e ".[test]" "$(TORCH)"; \
-	fi
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]" "$(TORCH)"
 	touch $(STAMP)
 
 install: $(STAMP)
