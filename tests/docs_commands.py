@@ -71,7 +71,7 @@ RULES = (
     Rule("compose", r"(RAY_ADDRESS=\S+ )?ray job submit ", "needs a cluster's job API: the job it submits is composed"),
     Rule("compose", r"make demo$", "minutes of CPU: the Makefile's demo job is composed", make="demo"),
     Rule("elsewhere", r"make test$", "CI runs the suite", where=(".ci/run", "exec make test")),
-    Rule("elsewhere", r"make install$", "every make test installs first", where=("Makefile", "\ntest: install\n")),
+    Rule("elsewhere", r"make install$", "every make test installs first", where=("Makefile", "\ntest: install ")),
     Rule("elsewhere", r"pip install \.$", "the wheel built, installed in a fresh venv and run",
          where=("tests/test_packaging.py", "def test_installed_commands_run_outside_the_repo(")),
     Rule("compose", r"cluster/local\.sh submit .*-- python jobs/",
