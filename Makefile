@@ -36,6 +36,7 @@ docs-check: install
 
 # One Ray Train worker of 1.75 CPUs (torch runs ceil = 2 threads) leaves a quarter CPU for the Ray Data tasks
 # that stream the training cases; a worker of all 2 CPUs is refused (the stream could never be scheduled).
+# (Since the cases are streamed, a training step costs about 3x its in-memory time here: docs/benchmarks.md.)
 # Rebuild both bundled demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from
 # outputs/weights/): the VAE (L1 + 0.2 SSIM + KL, cosine lr, 6000 steps of 32^3 crops), then the
 # template-guided TCDM and the mask-only ablation at the same budget (cosine lr, EMA weights), one after the other.
