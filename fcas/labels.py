@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping, Sequence
-
-import sys
 
 import numpy as np
 

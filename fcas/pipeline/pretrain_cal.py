@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import ray
 import ray.train
-import ray.train.torch
 from omegaconf import DictConfig
 
 from fcas.cal.data import load_synthetic_batch, synthetic_rows

@@ -52,4 +52,3 @@ def check_training_cpus(num_workers: int, cpus_per_worker: float, data_cpus: flo
         raise ValueError(f"trainer.num_workers={num_workers} x trainer.cpus_per_worker={cpus_per_worker:g} hold "
                          f"{held:g} of this local Ray's {total:g} CPUs, leaving none for the data tasks "
                          f"({data_cpus:g} CPU each): use trainer.cpus_per_worker<={(total - data_cpus) / num_workers:g}")
-

@@ -130,10 +130,10 @@ def cached_cases_dataset(rows: list[dict], cpus: float = 0.25, seed: int = 0) ->
     """Ray Data stream of cached training cases ``rows`` (:func:`fcas.diffusion.latent_cache.check_latent_cache`,
     shard URIs absolute): ``case_id``, ``image (1, D, H, W)``, ``label (D, H, W)``, ``latent (C, d, h, w)`` per
     row, one case per block, the block order reshuffled every epoch (as :func:`cases_dataset`)."""
-    if cpus <= 0:
-        raise ValueError(f"need trainer.data_cpus > 0, got {cpus}")
     import ray.data
 
+    if cpus <= 0:
+        raise ValueError(f"need trainer.data_cpus > 0, got {cpus}")
     items = [{"case_id": r["case_id"], "uri": r["uri"]} for r in rows]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
