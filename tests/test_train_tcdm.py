@@ -208,6 +208,31 @@ def test_streamed_cases_match_loaded_cases_and_the_streamed_loops_train(tmp_path
         _settings(tmp_path / "c", 1, buffer_cases=1)
 
 
+def test_refills_follow_refill_every_and_stop_when_one_worker_holds_every_case(tmp_path, tiny_cases):
+    from fcas.diffusion.pairs import refill_due
+    from fcas.pipeline.train_tcdm import stream_plan
+
+    assert [s for s in range(1, 10) if refill_due(3, s)] == [3, 6, 9] and not any(refill_due(0, s) for s in range(9))
+    t = _settings(tmp_path / "p", 1).train
+    assert (stream_plan(t, 3, 1, 2).buffer_cases, stream_plan(t, 3, 1, 2).refill_every) == (3, 0)  # holds all 3
+    assert (stream_plan(t, 20, 1, 2).buffer_cases, stream_plan(t, 20, 1, 2).refill_every) == (8, 1)
+    assert (stream_plan(t, 6, 2, 2).buffer_cases, stream_plan(t, 6, 2, 2).refill_every) == (3, 1)  # shards re-split
+    rows = [{"case_id": c, "image": tiny_cases.images[i].numpy(), "label": tiny_cases.labels[i].numpy()}
+            for i, c in enumerate(tiny_cases.case_ids)]
+    for every, pulls in ((1, 2 + 4), (2, 2 + 2), (0, 2)):   # 2 slots filled first, then one pull per refill
+        taken = []
+
+        def stream():
+            for c in _local_stream(rows):
+                taken.append(c["case_id"])
+                yield c
+        s = _settings(tmp_path / f"r{every}", 4, buffer_cases=2, refill_every=every)
+        assert train_tcdm_loop(s, case_stream=stream, progress=False)["steps_run"] == 4
+        assert len(taken) == pulls, (every, taken)
+    with pytest.raises(ValueError, match="refill_every"):
+        _settings(tmp_path / "bad", 1, refill_every=-1)
+
+
 @pytest.mark.slow
 def test_ray_train_two_workers_killed_and_resumed(tmp_path, ray_local):
     """2 DDP workers on local Ray; both are killed after step 3 (checkpoint at 2); Ray restarts the
@@ -299,8 +324,8 @@ def test_training_run_refuses_a_non_finite_loss_and_keeps_its_checkpoints(tmp_pa
 
 
 def test_vae_memory_levers_train_the_same_model(tmp_path, tiny_cases):
-    """Activation checkpointing and the channels-last layout change memory and speed, not the maths (amp is
-    CUDA-only: a no-op here); a bad autocast dtype is refused."""
+    """Activation checkpointing and the channels-last layout change memory and speed, not the maths (amp with
+    float16 is CUDA-only: a no-op here); a bad autocast dtype is refused."""
     def run(out, **levers):
         s = VAESettings.from_dict({**TINY, "data": "phantom:3", "out": str(tmp_path / out),
                                    "train": {"steps": 2, "checkpoint_every": 2, "crop": [16, 16, 16], **levers}})
@@ -308,7 +333,7 @@ def test_vae_memory_levers_train_the_same_model(tmp_path, tiny_cases):
         return load_checkpoint(latest_checkpoint(str(tmp_path / out)))
 
     plain = run("plain")
-    ckpt = run("checkpointed", activation_checkpointing=True, amp=True)
+    ckpt = run("checkpointed", activation_checkpointing=True, amp=True, amp_dtype="float16")
     for k, v in plain.state_dict("vae").items():   # the same ops recomputed: the same weights
         assert torch.allclose(v.float(), ckpt.state_dict("vae")[k].float(), atol=1e-6), k
     last = run("channels_last", channels_last=True)
@@ -331,8 +356,8 @@ def test_vae_memory_levers_train_the_same_model(tmp_path, tiny_cases):
 
 
 def test_tcdm_memory_levers_keep_the_loss(tmp_path, tiny_cases):
-    """Activation checkpointing and channels-last change memory and speed, not the loss (autocast and fused
-    attention act on CUDA only); a bad autocast dtype is refused."""
+    """Activation checkpointing and channels-last change memory and speed, not the loss (float16 autocast and
+    fused attention act on CUDA only); bfloat16 autocast runs on CPU too, close to fp32; a bad dtype is refused."""
     def run(out, **levers):
         s = _settings(tmp_path / out, 2)
         s = TCDMSettings.from_dict({**s.to_dict(), "train": {**s.to_dict()["train"], **levers}})
@@ -340,10 +365,18 @@ def test_tcdm_memory_levers_keep_the_loss(tmp_path, tiny_cases):
         return load_checkpoint(latest_checkpoint(str(tmp_path / out))).state_dict("history")["loss"]
 
     plain = run("plain")
-    assert torch.equal(run("checkpointed", activation_checkpointing=True, fused_attention=True, amp_dtype="bfloat16"),
-                       plain)
+    assert torch.equal(run("checkpointed", activation_checkpointing=True, fused_attention=True), plain)
     last = run("channels_last", channels_last=True)
     assert last[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
+    bf16 = run("bf16", amp=True, amp_dtype="bfloat16")   # CPU autocast: bf16 convolutions, fp32 weights and loss
+    assert not torch.equal(bf16, plain) and torch.allclose(bf16, plain, rtol=2e-2)
+    from fcas.training.loop import amp_context
+
+    conv, x = torch.nn.Conv3d(1, 2, 3), torch.rand(1, 1, 6, 6, 6)
+    with amp_context("cpu", True, "bfloat16"):
+        assert conv(x).dtype == torch.bfloat16
+    with amp_context("cpu", True, "float16"):   # float16 norms fail on CPU: left fp32
+        assert conv(x).dtype == torch.float32
     with pytest.raises(ValueError, match="amp_dtype must be one of"):
         TCDMSettings.from_dict({**_settings(tmp_path, 2).to_dict(), "train": {"amp_dtype": "fp8"}})
 

@@ -11,10 +11,12 @@ Two ways to feed a training loop:
   benchmarks; memory grows with the number of cases.
 * streamed (:func:`case_rows` -> :func:`load_case_batch` -> :class:`CaseBuffer`): the Ray Train jobs
   hand the rows (a few bytes per case) to Ray Data, which loads the volumes in small tasks; each
-  worker keeps a bounded buffer of ``K = train.buffer_cases`` cases. Every step one buffer slot,
-  drawn from ``rng([seed, step, rank, 1])``, is replaced by the next case of the worker's shard, and
-  the step's pairs (TCDM) or crops (VAE) are drawn uniformly from the buffer with ``rng([seed, step,
-  rank])``. Memory is ``K`` cases whatever ``N``.
+  worker keeps a bounded buffer of ``K = train.buffer_cases`` cases. Every ``train.refill_every``-th
+  step one buffer slot, drawn from ``rng([seed, step, rank, 1])``, is replaced by the next case of the
+  worker's shard, and the step's pairs (TCDM) or crops (VAE) are drawn uniformly from the buffer with
+  ``rng([seed, step, rank])``. Memory is ``K`` cases whatever ``N``. A single worker whose buffer holds
+  all ``N`` cases is never refilled (the job sets ``refill_every=0``): a pull through Ray Data costs more
+  than a step on a small machine and would bring no new case.
 
 How the N^2 pairing survives the buffer: the stream's block order (one case per block) is reshuffled
 every epoch (``randomize_block_order`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sample_pairs", "step_rng", "refill_rng"]
+__all__ = ["sample_pairs", "step_rng", "refill_rng", "refill_due"]
 
 
 def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
@@ -17,6 +17,11 @@ def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
 def refill_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
     """The draw of the case-buffer slot a streamed step replaces (apart from the step's own draws)."""
     return np.random.default_rng([int(seed), int(step), int(rank), 1])
+
+
+def refill_due(refill_every: int, step: int) -> bool:
+    """Whether streamed step ``step`` (1-based) replaces a buffer slot: every ``refill_every``-th step, never at 0."""
+    return refill_every > 0 and int(step) % int(refill_every) == 0
 
 
 def sample_pairs(n_cases: int, n_pairs: int, rng: np.random.Generator) -> np.ndarray:

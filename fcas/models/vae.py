@@ -156,8 +156,10 @@ def vae_loss(vae: nn.Module, image: torch.Tensor, kl_weight: float = 1e-6, ssim_
     Returns ``(loss, parts)``, or ``(loss, parts, recon)`` with ``return_recon`` (for the adversarial term).
     """
     recon, z_mu, z_sigma = vae(image)
-    loss, parts = reconstruction_loss(recon, image, ssim_weight)
-    kl = kl_divergence(z_mu, z_sigma)
+    # the loss terms in fp32 even under autocast: SSIM's variances (E[x^2] - E[x]^2) cancel in bf16 / fp16
+    with torch.autocast(image.device.type, enabled=False):
+        loss, parts = reconstruction_loss(recon.float(), image.float(), ssim_weight)
+        kl = kl_divergence(z_mu.float(), z_sigma.float())
     loss = loss + kl_weight * kl
     parts["kl"] = float(kl.detach())
     return (loss, parts, recon) if return_recon else (loss, parts)

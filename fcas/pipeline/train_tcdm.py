@@ -44,7 +44,7 @@ if TYPE_CHECKING:   # annotations only
 log = logging.getLogger(__name__)
 
 __all__ = ["tcdm_settings_from_cfg", "run", "fit", "worker_hooks", "cases_dataset", "cached_cases_dataset",
-           "shard_cases", "buffer_size", "REPORT_EVERY"]
+           "shard_cases", "buffer_size", "stream_plan", "REPORT_EVERY"]
 
 REPORT_EVERY = 20  # steps between metric reports to Ray Train (checkpoint steps always report)
 
@@ -164,6 +164,19 @@ def buffer_size(requested: int, n_cases: int, num_workers: int, minimum: int) ->
     return max(minimum, min(int(requested), n_cases // max(1, num_workers)))
 
 
+def stream_plan(train, n_cases: int, num_workers: int, minimum: int):
+    """``train`` settings with the buffer sized by :func:`buffer_size`, and refills turned off
+    (``refill_every=0``) when a single worker's buffer holds every case: each refill pulls a case through
+    Ray Data, which costs more than a training step on a small machine, and would bring nothing new."""
+    from dataclasses import replace
+
+    k = buffer_size(train.buffer_cases, n_cases, num_workers, minimum)
+    refill = 0 if num_workers == 1 and k >= n_cases else train.refill_every
+    if refill != train.refill_every:
+        log.info("the case buffer holds all %d training cases: no refills from the stream", n_cases)
+    return replace(train, buffer_cases=k, refill_every=refill)
+
+
 def inject_failure(report: Callable, out: str, fail_at_step: int | None, rank: int) -> Callable:
     """Fault injection for restart tests (``trainer.fail_at_step``): every rank raises once, after
     reporting that step; a marker in ``out`` keeps the restarted attempt from failing again."""
@@ -264,8 +277,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
         ds = cached_cases_dataset(cached, data_cpus, tc.seed)
     else:
         ds = cases_dataset(rows, settings.shape, settings.spacing, data_cpus, tc.seed)
-    k = buffer_size(settings.train.buffer_cases, len(rows), workers, 2)
-    settings = replace(settings, train=replace(settings.train, buffer_cases=k))
+    settings = replace(settings, train=stream_plan(settings.train, len(rows), workers, 2))
     result = fit(
         _tcdm_worker,
         {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True)),

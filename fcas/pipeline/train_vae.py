@@ -14,7 +14,7 @@ from fcas.training.vae_settings import VAESettings
 from fcas.diffusion.data import case_rows
 from fcas.pipeline.ray_env import ensure_ray
 from fcas.pipeline.jobs import plain_config
-from fcas.pipeline.train_tcdm import buffer_size, cases_dataset, fit, shard_cases, worker_hooks
+from fcas.pipeline.train_tcdm import cases_dataset, fit, shard_cases, stream_plan, worker_hooks
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict:
     ensure_ray(tr.get("address"))
     data_cpus = float(tr.get("data_cpus", 0.25))
     ds = cases_dataset(rows, settings.shape, settings.spacing, data_cpus, settings.train.seed)
-    k = buffer_size(settings.train.buffer_cases, len(rows), workers, 1)
-    settings = replace(settings, train=replace(settings.train, buffer_cases=k))
+    settings = replace(settings, train=stream_plan(settings.train, len(rows), workers, 1))
     result = fit(_vae_worker, {"settings": settings.to_dict(), "progress": bool(tr.get("progress", True))},
                  name=f"vae-{settings.preset}", num_workers=workers, datasets={"train": ds}, data_cpus=data_cpus,
                  use_gpu=bool(tr.get("use_gpu", False)), address=tr.get("address"),

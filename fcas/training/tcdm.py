@@ -37,7 +37,7 @@ from fcas.diffusion.conditioning import build_c_raw
 from fcas.diffusion.data import CaseArrays, CaseBuffer, case_rows, load_cases, pair_batch
 from fcas.diffusion.latent_cache import check_latent_cache, load_cached_cases
 from fcas.diffusion.losses import bidirectional_loss
-from fcas.diffusion.pairs import refill_rng, sample_pairs, step_rng
+from fcas.diffusion.pairs import refill_due, refill_rng, sample_pairs, step_rng
 from fcas.diffusion.schedulers import build_train_scheduler
 from fcas.models.bundle import load_vae
 from fcas.models.bundle import vae_digest as digest_of_vae
@@ -235,7 +235,7 @@ def train_tcdm_loop(
         t0 = time.perf_counter()
         rng = step_rng(tc.seed, step, rank)
         gen = _torch_generator(tc.seed, step, rank, device)
-        if buffer is not None:
+        if buffer is not None and refill_due(tc.refill_every, step):
             slot = buffer.refill(refill_rng(tc.seed, step, rank))
             if latents is not None:
                 with torch.no_grad():

@@ -32,7 +32,7 @@ class TrainConfig:
     bidirectional: bool = True
     unet_mode: str = "joint"  # 'joint' | 'pretrain_freeze'
     pretrain_steps: int = 0
-    amp: bool = True  # autocast, used only on CUDA
+    amp: bool = True  # autocast: CUDA; CPU only with amp_dtype bfloat16
     amp_dtype: str = "float16"  # float16 (with a loss scaler) | bfloat16
     activation_checkpointing: bool = False  # UNet/ControlNet blocks recomputed in backward: less memory, more time
     channels_last: bool = False  # channels_last_3d layout of the networks and their inputs
@@ -44,6 +44,7 @@ class TrainConfig:
     lr_min: float = 0.0
     ema_decay: float = 0.0      # > 0: keep an EMA of the weights (saved beside them; export ships it)
     buffer_cases: int = 8       # streamed training: cases a worker holds (pairs are drawn among them)
+    refill_every: int = 1       # steps between buffer refills (0: never; the job sets 0 when one worker holds all)
     latent_cache: str | None = None   # a jobs/cache_latents.py output: latents read, not encoded (same VAE)
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= ema_decay < 1 and warmup_steps >= 0, got {self.ema_decay}, {self.warmup_steps}")
         if self.buffer_cases < 2:
             raise ValueError(f"buffer_cases must be >= 2 (pairs need two cases), got {self.buffer_cases}")
+        if self.refill_every < 0:
+            raise ValueError(f"refill_every must be >= 0 (0: never refill), got {self.refill_every}")
         if self.steps < 0 or self.batch_pairs < 1 or self.checkpoint_every < 1:
             raise ValueError(
                 f"need steps >= 0, batch_pairs >= 1, checkpoint_every >= 1; got {self.steps}, "

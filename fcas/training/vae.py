@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fcas.diffusion.data import CaseArrays, CaseBuffer, crop_slices, load_cases
-from fcas.diffusion.pairs import refill_rng, step_rng
+from fcas.diffusion.pairs import refill_due, refill_rng, step_rng
 from fcas.io import storage
 from fcas.models.optim import lr_at
 from fcas.models.checkpoint import config_hash, load_into, no_report
@@ -160,7 +160,7 @@ def train_vae_loop(
         # the posterior sample (reparameterisation) and the discriminator draw from torch's global generator:
         # seeded by (seed, step, rank), so a resumed run continues bit-exactly
         torch.manual_seed(int(np.random.default_rng([tc.seed, step, rank, 3]).integers(2 ** 62)))
-        if buffer is not None:
+        if buffer is not None and refill_due(tc.refill_every, step):
             buffer.refill(refill_rng(tc.seed, step, rank))
         idx = rng.integers(0, len(cases), size=tc.batch_size)
         crops = [cases.images[i][(slice(None), *crop_slices(cases.shape, tc.crop, rng))] for i in idx]

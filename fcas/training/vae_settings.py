@@ -36,6 +36,7 @@ class VAETrainConfig:
     keep_checkpoints: int = 2
     scale_factor_cases: int = 8
     buffer_cases: int = 8           # streamed training: cases a worker holds (crops are drawn among them)
+    refill_every: int = 1           # steps between buffer refills (0: never; the job sets 0 when one worker holds all)
     # GPU memory / speed levers (docs/benchmarks.md): autocast on CUDA, MONAI's activation checkpointing of
     # encoder and decoder, channels-last-3d layout of weights and crops
     amp: bool = False
@@ -53,8 +54,9 @@ class VAETrainConfig:
             raise ValueError(f"unknown VAE lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
         if self.warmup_steps < 0 or self.adv_start < 0 or min(self.ssim_weight, self.adv_weight, self.kl_weight) < 0:
             raise ValueError("VAE warmup_steps, adv_start and the loss weights must be >= 0")
-        if self.buffer_cases < 1:
-            raise ValueError(f"VAE buffer_cases must be >= 1, got {self.buffer_cases}")
+        if self.buffer_cases < 1 or self.refill_every < 0:
+            raise ValueError(f"VAE buffer_cases must be >= 1 and refill_every >= 0, got {self.buffer_cases}, "
+                             f"{self.refill_every}")
 
 
 
