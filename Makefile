@@ -38,18 +38,20 @@ docs-check: install
 # that stream the training cases; a worker of all 2 CPUs is refused (the stream could never be scheduled). The
 # worker's buffer holds all 64 cases, so after the first pass nothing more is streamed (a refill per step would
 # cost more than the step), and bfloat16 autocast (train.amp, CPU too) takes a step to 0.6x its fp32 time.
-# Rebuild both bundled demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from
-# outputs/weights/): the VAE (32/64/64 channels, L1 + 0.2 SSIM + KL, cosine lr, 8000 steps of 32^3 crops), then
-# the template-guided TCDM and the mask-only ablation at the same budget (cosine lr, EMA weights), one after the other.
+# Rebuild both demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from outputs/weights/):
+# the VAE (32/64/64 channels, L1 + 0.2 SSIM + KL, cosine lr, 8000 steps of 32^3 crops; 56.9 min measured), then
+# the template-guided TCDM and the mask-only ablation at the same budget (4000 steps, cosine lr, EMA weights), one
+# after the other. (The bundled checkpoints predate this recipe: 16/32/64 VAE, 6000 + 3500 fp32 steps; see
+# docs/benchmarks.md for what this one measured.)
 VAE_STEPS  ?= 8000
-TCDM_STEPS ?= 6000
+TCDM_STEPS ?= 4000
 TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae train.steps=$(TCDM_STEPS) \
               train.lr=3e-4 train.schedule=cosine train.warmup_steps=200 train.ema_decay=0.998 train.amp_dtype=bfloat16 \
               train.buffer_cases=64 train.checkpoint_every=500 train.keep_checkpoints=2 trainer.num_workers=1 \
               trainer.cpus_per_worker=1.75 trainer.progress=false
 weights: install
-	$(BIN)/python jobs/train_vae.py preset=demo model=demo data=phantom:64 out=outputs/weights/vae \
-	    'train.crop=[32,32,32]' train.steps=$(VAE_STEPS) train.batch_size=2 train.lr=1e-3 train.warmup_steps=200 \
+	$(BIN)/python jobs/train_vae.py preset=demo model=demo 'model.vae.channels=[32,64,64]' data=phantom:64 \
+	    out=outputs/weights/vae 'train.crop=[32,32,32]' train.steps=$(VAE_STEPS) train.batch_size=2 train.lr=1e-3 train.warmup_steps=200 \
 	    train.amp=true train.buffer_cases=64 train.checkpoint_every=500 train.keep_checkpoints=2 \
 	    train.val_data=phantom:4@9000 trainer.num_workers=1 trainer.cpus_per_worker=1.75 trainer.progress=false
 	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm
