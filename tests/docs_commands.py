@@ -63,11 +63,14 @@ RULES = (
          expect=r"FCaS TCDM training plan: preset=paper(.|\n)* peak_memory_gib_per_gpu "),
     Rule("elsewhere", r"fcas synthesize preset=tiny n=2 ", "the same command, from the installed wheel in another folder",
          where=("tests/test_packaging.py", '"synthesize", "preset=tiny", "n=2"')),
-    Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py (?!.*model=maisi)",
+    Rule("compose", rf"\.venv/bin/python jobs/({COMPOSED_JOBS})\.py (?!.*model=maisi)(?!.*train\.latent_cache=)",
          "demo/paper presets, S3, /data or a run made first: minutes to hours as written; runs at the tiny preset"),
     Rule("compose", r"\.venv/bin/python jobs/train_tcdm\.py .*model=maisi",
          "MAISI's released weights (GBs) are not here: composed; tests/test_maisi.py trains and samples from a "
          "small state dict of MAISI's architecture written by the test", tiny=False),
+    Rule("compose", r"\.venv/bin/python jobs/train_tcdm\.py .*train\.latent_cache=",
+         "composed; its tiny run, a Ray Train job reading a latent cache through Ray Data, is "
+         "tests/test_latent_cache.py::test_ray_train_job_trains_from_the_cache", tiny=False),
     Rule("compose", r"(RAY_ADDRESS=\S+ )?ray job submit ", "needs a cluster's job API: the job it submits is composed"),
     Rule("compose", r"make demo$", "minutes of CPU: the Makefile's demo job is composed", make="demo"),
     Rule("elsewhere", r"make test$", "CI runs the suite", where=(".ci/run", "exec make test")),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fcas.diffusion.conditioning import build_c_raw, condition_channels, hu_to_unit, unit_to_hu
-from fcas.diffusion.losses import bidirectional_loss, p_losses, q_sample
+from fcas.diffusion.losses import bidirectional_loss, min_snr_weight, p_losses, q_sample
 from fcas.diffusion.pairs import sample_pairs, step_rng
 from fcas.diffusion.schedulers import SchedulerConfig, build_sampling_scheduler, build_train_scheduler
 from fcas.labels import default_schema, from_bits, from_onehot
@@ -126,6 +126,35 @@ def test_bidirectional_loss_is_sum_of_both_directions():
     assert loss.item() == pytest.approx(parts["loss_a_at_b"] + parts["loss_b_at_a"], rel=1e-6)
     one, p1 = bidirectional_loss(ZeroModel(), s, z_a, z_b, c_ba, None, torch.Generator().manual_seed(0))
     assert set(p1) == {"loss_b_at_a"}
+
+
+def test_min_snr_weight_clamps_the_low_noise_steps():
+    s = build_train_scheduler(SchedulerConfig())
+    t = torch.tensor([0, 10, 100, 500, 999])
+    ac = s.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    w = min_snr_weight(s, t, 5.0)
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] < 0.05 and w[-1] == 1.0          # t = 0: SNR ~ 650, damped; t = 999: SNR < 5, untouched
+    assert torch.all(w[1:] >= w[:-1])           # monotone in t
+    with pytest.raises(ValueError, match="gamma"):
+        min_snr_weight(s, t, 0.0)
+    with pytest.raises(ValueError, match="RFlow"):
+        min_snr_weight(build_train_scheduler(SchedulerConfig(kind="rflow")), t, 5.0)
+
+
+def test_p_losses_with_min_snr_is_the_weighted_per_sample_loss():
+    s = build_train_scheduler(SchedulerConfig())
+    z0, c = torch.randn(4, 4, 4, 4, 4), torch.rand(4, 9, 16, 16, 16)
+    plain = p_losses(ZeroModel(), s, z0, c, torch.Generator().manual_seed(5), "none")
+    weighted = p_losses(ZeroModel(), s, z0, c, torch.Generator().manual_seed(5), "none", snr_gamma=5.0)
+    g = torch.Generator().manual_seed(5)
+    torch.randn(z0.shape, generator=g)                     # p_losses draws the noise first, then t
+    t = torch.randint(0, s.num_train_timesteps, (4,), generator=g)
+    assert torch.allclose(weighted, plain * min_snr_weight(s, t, 5.0))
+    loss, parts = bidirectional_loss(ZeroModel(), s, z0[:2], z0[2:], c[:2], c[2:], torch.Generator().manual_seed(5),
+                                     snr_gamma=5.0)
+    assert loss.item() == pytest.approx(weighted.mean().item() * 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind,sampler", [("ddpm", "rflow"), ("rflow", "ddim")])

@@ -71,11 +71,19 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
     assert t1["template"]["ssim_mean"] != t1["template"]["ssim_mean_whole"]
     assert {"ssim_mean", "ssim_mean_whole", "rmse_mean", "rmse_mean_whole"} <= set(t1["vae_reconstruction"])
     assert "Over the whole volume:" in _section(md, "## Table 1")
+    # the zeroed-outside reading: it lifts every figure over the plain masked one (the shared zero border)
+    assert t1["template"]["ssim_mean"] < t1["template"]["ssim_zeroed_mean"] <= 1.0
+    assert t1["vae_reconstruction"]["ssim_mean"] < t1["vae_reconstruction"]["ssim_zeroed_mean"] <= 1.0
+    assert "both images set to 0 outside M_A" in _section(md, "## Table 1")
     # the model-free oracles of what a template can carry, on the same test pairs
     orc = json.loads((work / "stages" / "table1_oracles.json").read_text())["result"]
     assert orc["pairs"] == cfg.scales.smoke.n_test and len(orc["table"]["noise_free"]["per_pair"]) == orc["pairs"]
     assert all(0.0 < v["mean"] <= 1.0 for v in orc["table"].values())
     assert "What the template can carry here" in _section(md, "## Table 1")
+    # an exact heart in unknown surroundings is far from 1 under the mask, worse with I_B's than with the mean
+    region = orc["table"]["A_heart_in_mean_region"]["mean"]
+    assert orc["table"]["A_heart_in_B_region"]["mean"] < region < orc["table"]["noise_free"]["mean"]
+    assert "even I_A's exact heart" in _section(md, "## Table 1")
     # both arms used the same checkpoint here, with the same noise per (seed, pair): identical images
     assert t1["template"]["ssim"] == t1["mask_only"]["ssim"]
     seg = json.loads((work / "stages" / f"seg_cal_seed{seeds[0]}.json").read_text())["result"]

@@ -381,6 +381,22 @@ def test_tcdm_memory_levers_keep_the_loss(tmp_path, tiny_cases):
         TCDMSettings.from_dict({**_settings(tmp_path, 2).to_dict(), "train": {"amp_dtype": "fp8"}})
 
 
+def test_min_snr_weighting_reaches_the_training_loop(tmp_path, tiny_cases):
+    """train.min_snr_gamma weights each sample's loss by min(SNR, γ) / SNR <= 1: the first step (same weights,
+    noise and timesteps) scores below the plain loss (10 training timesteps: every SNR > 5, every weight < 1);
+    a non-positive γ is refused."""
+    def first_loss(out, **train):
+        s = _settings(tmp_path / out, 1, **train).to_dict()
+        s = TCDMSettings.from_dict({**s, "scheduler": {**s["scheduler"], "num_train_timesteps": 10}})
+        train_tcdm_loop(s, cases=tiny_cases, progress=False)
+        return load_checkpoint(latest_checkpoint(str(tmp_path / out))).state_dict("history")["loss"][0].item()
+
+    plain, weighted = first_loss("plain"), first_loss("snr", min_snr_gamma=5.0)
+    assert weighted < plain and weighted > 0
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        _settings(tmp_path / "bad", 1, min_snr_gamma=0)
+
+
 def test_a_trainer_that_holds_every_local_cpu_is_refused_before_training(tmp_path, ray_local):
     """A worker of all the local Ray's CPUs would leave the data stream's loading tasks unschedulable (the
     job would wait forever for its first case): refused with one line that names the limit."""

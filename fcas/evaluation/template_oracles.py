@@ -10,6 +10,11 @@ under the cardiac mask of M_A (how Table 1 scores), SSIM against the true I_A of
                          perfect use of B's intensities could change (1.0: the HU table does not matter);
   * ``noise_free``:      I_A without its noise: the best any deterministic prediction can score;
   * ``noise_free_hu_B``: both: a perfect mask-to-image map that took its intensities from B;
+  * ``A_heart_in_mean_region``: I_A inside its cardiac mask (exact, noise included), the population mean
+                         outside: the SSIM window of a voxel near the heart's border also sees A's
+                         surroundings, which M_A does not describe, so even an exact heart scores well
+                         below 1 here (the region reading's ceiling for a model that is not told them);
+  * ``A_heart_in_B_region``: the same with I_B's surroundings (a model that copies the template's);
 over the whole volume (A's surroundings, which M_A does not describe):
   * ``B_image``:         I_B itself;
   * ``A_heart_in_B``:    I_A inside its cardiac mask, I_B outside: a model that copies B's surroundings;
@@ -31,7 +36,7 @@ from fcas.phantom import intensities
 
 __all__ = ["template_information", "MASKED", "WHOLE"]
 
-MASKED = ("own_hu_of_B", "noise_free", "noise_free_hu_B")
+MASKED = ("own_hu_of_B", "noise_free", "noise_free_hu_B", "A_heart_in_mean_region", "A_heart_in_B_region")
 WHOLE = ("B_image", "A_heart_in_B", "A_heart_in_mean")
 
 
@@ -76,6 +81,8 @@ def template_information(seeds: Sequence[int], shape=(64, 64, 64), spacing=(2.0,
         rows["own_hu_of_B"].append(ssim(_unit(_with_hu_of(sa, sb, shape, spacing)), A, m))
         rows["noise_free"].append(ssim(_unit(phantom.make_case(sa, shape, spacing, noise=False)), A, m))
         rows["noise_free_hu_B"].append(ssim(_unit(_with_hu_of(sa, sb, shape, spacing, noise=False)), A, m))
+        rows["A_heart_in_mean_region"].append(ssim(np.where(m, A, mean_img), A, m))
+        rows["A_heart_in_B_region"].append(ssim(np.where(m, A, B), A, m))
         rows["B_image"].append(ssim(B, A))
         rows["A_heart_in_B"].append(ssim(np.where(m, A, B), A))
         rows["A_heart_in_mean"].append(ssim(np.where(m, A, mean_img), A))

@@ -55,7 +55,9 @@ def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
 
     SSIM and RMSE "under the same mask" (the paper's §4): over the cardiac voxels of the reference mask M_A
     (the figures named ``ssim`` / ``rmse``), and over the whole volume beside them (``*_whole``), where
-    the surroundings of A, which neither model is given, dominate.
+    the surroundings of A, which neither model is given, dominate. ``ssim_zeroed``: the other reading of
+    the paper's phrase, both images set to 0 outside M_A before SSIM over M_A's voxels, so that A's
+    surroundings (seen by the SSIM window near the heart's border) enter neither figure.
     """
     from fcas.evaluation import evaluate_pairs
     from fcas.labels import load_schema
@@ -72,8 +74,10 @@ def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
         imgs = sample_held_out_pairs(ck, test, s.pairs, s.table1_steps, seed)
         r = evaluate_pairs(imgs, targets, masks, feats)
         w = evaluate_pairs(imgs, targets, None, None)
+        z = evaluate_pairs([i * m for i, m in zip(imgs, masks)], [t * m for t, m in zip(targets, masks)], masks)
         out[name] = {k: r[k] for k in ("ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "ssim", "rmse")}
         out[name].update({f"{k}_whole": w[k] for k in ("ssim_mean", "rmse_mean")})
+        out[name].update(ssim_zeroed_mean=z["ssim_mean"], ssim_zeroed_sd=z["ssim_sd"])
         out[name]["seconds_per_sample"] = (time.perf_counter() - t0) / s.pairs
         out["features"] = r["features"]
     enc = lambda vols: torch.stack([feats(torch.as_tensor(v)[None, None])[0] for v in vols])  # noqa: E731
@@ -84,8 +88,9 @@ def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
 
 def vae_reconstruction(checkpoint: str, targets, masks=None) -> dict:
     """SSIM / RMSE of the checkpoint's own VAE reconstructing ``targets`` (encode, decode) over ``masks``
-    (and over the whole volume, ``*_whole``): the ceiling a sample decoded by that VAE can reach,
-    reported beside the pair figures."""
+    (and over the whole volume, ``*_whole``; ``ssim_zeroed_mean``: both set to 0 outside the mask first, as
+    :func:`table1_seed` scores it): the ceiling a sample decoded by that VAE can reach, reported beside the
+    pair figures."""
     from fcas.metrics.image import rmse, ssim
     from fcas.diffusion.bundle import load_tcdm
     from fcas.models.vae import vae_decode, vae_encode
@@ -93,7 +98,7 @@ def vae_reconstruction(checkpoint: str, targets, masks=None) -> dict:
     bundle = load_tcdm(checkpoint)
     vae = bundle.vae.float()
     masks = [None] * len(targets) if masks is None else list(masks)
-    ss, rs, sw, rw = [], [], [], []
+    ss, rs, sw, rw, sz = [], [], [], [], []
     with torch.no_grad():
         for t, m in zip(targets, masks):
             x = torch.as_tensor(t, dtype=torch.float32)[None, None]
@@ -102,8 +107,12 @@ def vae_reconstruction(checkpoint: str, targets, masks=None) -> dict:
             rs.append(rmse(r, x[0, 0], m))
             sw.append(ssim(r, x[0, 0]))
             rw.append(rmse(r, x[0, 0]))
+            if m is not None:
+                mt = torch.as_tensor(np.asarray(m))
+                sz.append(ssim(r * mt, x[0, 0] * mt, m))
     return {"ssim_mean": float(np.mean(ss)), "rmse_mean": float(np.mean(rs)),
-            "ssim_mean_whole": float(np.mean(sw)), "rmse_mean_whole": float(np.mean(rw))}
+            "ssim_mean_whole": float(np.mean(sw)), "rmse_mean_whole": float(np.mean(rw)),
+            "ssim_zeroed_mean": float(np.mean(sz)) if sz else None}
 
 
 # ---- Tables 3 and 4: segmentation -----------------------------------------------------------

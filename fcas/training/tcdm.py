@@ -259,7 +259,8 @@ def train_tcdm_loop(
             c_ba = c_ba.to(memory_format=layout)
             c_ab = c_ab.to(memory_format=layout) if c_ab is not None else None
         with amp_context(device, tc.amp, tc.amp_dtype):
-            loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen, **model_kwargs)
+            loss, parts = bidirectional_loss(state["module"], scheduler, z_a, z_b, c_ba, c_ab, gen,
+                                             snr_gamma=tc.min_snr_gamma, **model_kwargs)
         opt = state["opt"]
         lr = lr_at(tc, step)
         for group in opt.param_groups:

@@ -46,6 +46,7 @@ class TrainConfig:
     buffer_cases: int = 8       # streamed training: cases a worker holds (pairs are drawn among them)
     refill_every: int = 1       # steps between buffer refills (0: never; the job sets 0 when one worker holds all)
     latent_cache: str | None = None   # a jobs/cache_latents.py output: latents read, not encoded (same VAE)
+    min_snr_gamma: float | None = None  # Min-SNR-γ loss weighting (e.g. 5); None = the plain Eq. 3 loss
 
     def __post_init__(self) -> None:
         if self.crop is not None:
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= ema_decay < 1 and warmup_steps >= 0, got {self.ema_decay}, {self.warmup_steps}")
         if self.buffer_cases < 2:
             raise ValueError(f"buffer_cases must be >= 2 (pairs need two cases), got {self.buffer_cases}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (or null for the plain loss), got {self.min_snr_gamma}")
         if self.refill_every < 0:
             raise ValueError(f"refill_every must be >= 0 (0: never refill), got {self.refill_every}")
         if self.steps < 0 or self.batch_pairs < 1 or self.checkpoint_every < 1:
