@@ -200,7 +200,8 @@ def _region_ceiling(t: Mapping[str, str]) -> str:
     return (f" Under the mask, even I_A's exact heart (its own noise included) scores {t['A_heart_in_mean_region']} "
             f"when the population mean stands outside it ({t['A_heart_in_B_region']} with I_B's surroundings): the "
             "SSIM window of a voxel near the heart's border sees A's surroundings, which M_A does not describe, so the "
-            "VAE's reconstruction of I_A, which is given them, is a ceiling no sample can reach in this reading.")
+            "VAE's reconstruction of I_A, which is given them, is a ceiling that a sample, not told them, cannot be "
+            "expected to reach in this reading.")
 
 
 def _oracles_md(o: Mapping[str, Any], s: ReproduceSettings) -> list[str]:
