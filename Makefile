@@ -42,12 +42,13 @@ docs-check: install
 # Rebuild both demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from outputs/weights/):
 # the VAE (32/64/64 channels, L1 + 0.2 SSIM + KL, cosine lr, 8000 steps of 32^3 crops; 56.9 min measured), then
 # the template-guided TCDM and the mask-only ablation at the same budget (3500 steps, cosine lr, EMA weights, one-hot
-# mask channels: held-out pair SSIM 0.814 against 0.792 with bit planes, docs/benchmarks.md), one after the other. (The bundled checkpoints predate this recipe: 16/32/64 VAE, 6000 + 3500 fp32 steps; see
+# mask channels: held-out pair SSIM 0.814 against 0.792 with bit planes, docs/benchmarks.md), one after the other.
+# (The bundled checkpoints predate this recipe: 16/32/64 VAE, 6000 + 3500 fp32 steps, bit planes; see
 # docs/benchmarks.md for what this one measured.)
 VAE_STEPS  ?= 8000
 TCDM_STEPS ?= 3500
-TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae condition.encoding=onehot train.steps=$(TCDM_STEPS) \
-              train.lr=3e-4 train.schedule=cosine train.warmup_steps=200 train.ema_decay=0.998 \
+TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae condition.encoding=onehot \
+              train.steps=$(TCDM_STEPS) train.lr=3e-4 train.schedule=cosine train.warmup_steps=200 train.ema_decay=0.998 \
               train.buffer_cases=64 train.checkpoint_every=500 train.keep_checkpoints=2 trainer.num_workers=1 \
               trainer.cpus_per_worker=1.75 trainer.progress=false
 weights: install

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fcas.evaluation.template_oracles import MASKED, template_information  # noqa: E402
+from fcas.evaluation.template_oracles import MASKED, population_mean, template_information  # noqa: E402
 
 
 def decoded(checkpoint: str, seeds, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0), mean_seeds=range(100, 116)) -> dict:
@@ -30,13 +30,13 @@ def decoded(checkpoint: str, seeds, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0),
 
     import fcas.phantom as phantom
     from fcas.diffusion.bundle import load_tcdm
+    from fcas.diffusion.conditioning import hu_to_unit
     from fcas.labels import default_schema
     from fcas.metrics.image import ssim
     from fcas.models.vae import vae_decode, vae_encode
 
     vae = load_tcdm(checkpoint).vae.float()
-    unit = lambda c: np.clip((c.image.astype(np.float32) + 1000.0) / 2000.0, 0.0, 1.0)  # noqa: E731
-    mean_img = np.mean([unit(phantom.make_case(int(s), shape, spacing)) for s in mean_seeds], axis=0)
+    mean_img = population_mean(mean_seeds, shape, spacing)
 
     def decode(x):
         with torch.no_grad():
@@ -45,7 +45,7 @@ def decoded(checkpoint: str, seeds, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0),
     rows = {"vae_of_A": [], "vae_of_A_heart_in_mean": []}
     for s in seeds:
         case = phantom.make_case(int(s), shape, spacing)
-        a, m = unit(case), np.isin(case.label, default_schema().cardiac_ids)
+        a, m = hu_to_unit(case.image).numpy(), np.isin(case.label, default_schema().cardiac_ids)
         rows["vae_of_A"].append(ssim(decode(a), a, m))
         rows["vae_of_A_heart_in_mean"].append(ssim(decode(np.where(m, a, mean_img)), a, m))
     return {k: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))} for k, v in rows.items()}

@@ -2,7 +2,8 @@
 ``bidirectional_loss`` (Eq. 4, L_{A@B} + L_{B@A}), with optional Min-SNR-γ loss weighting
 (:func:`min_snr_weight`, Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
 
-Hand-written (MONAI's schedulers give the noise schedule, not the weighting) in the style of lucidrains' denoising-diffusion-pytorch over MONAI's schedulers.
+Hand-written in the style of lucidrains' denoising-diffusion-pytorch over MONAI's schedulers (which give
+the noise schedule, not the loss weighting).
 All randomness (noise, timesteps) comes from an explicit ``torch.Generator``.
 """
 from __future__ import annotations

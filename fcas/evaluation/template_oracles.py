@@ -34,7 +34,7 @@ from fcas.labels import default_schema
 from fcas.metrics.image import ssim
 from fcas.phantom import intensities
 
-__all__ = ["template_information", "MASKED", "WHOLE"]
+__all__ = ["template_information", "population_mean", "MASKED", "WHOLE"]
 
 MASKED = ("own_hu_of_B", "noise_free", "noise_free_hu_B", "A_heart_in_mean_region", "A_heart_in_B_region")
 WHOLE = ("B_image", "A_heart_in_B", "A_heart_in_mean")
@@ -60,6 +60,11 @@ def _with_hu_of(seed: int, hu_seed: int, shape, spacing, noise: bool = True):
         intensities.draw_hu = draw
 
 
+def population_mean(seeds: Sequence[int], shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0)) -> np.ndarray:
+    """The voxel-wise mean image of phantoms ``seeds`` on the [0, 1] scale: the surroundings of ``*_in_mean``."""
+    return np.mean([_unit(phantom.make_case(int(s), shape, spacing)) for s in seeds], axis=0)
+
+
 def template_information(seeds: Sequence[int], shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0),
                          mean_seeds: Sequence[int] = range(100, 116)) -> dict:
     """The oracles of the module docstring on the pairs ``(seeds[i], seeds[i+1 mod N])``.
@@ -72,7 +77,7 @@ def template_information(seeds: Sequence[int], shape=(64, 64, 64), spacing=(2.0,
         raise ValueError(f"need at least 2 seeds for pairs, got {seeds}")
     cardiac = default_schema().cardiac_ids
     cases = {s: phantom.make_case(s, shape, spacing) for s in seeds}
-    mean_img = np.mean([_unit(phantom.make_case(int(s), shape, spacing)) for s in mean_seeds], axis=0)
+    mean_img = population_mean(mean_seeds, shape, spacing)
     rows: dict[str, list[float]] = {k: [] for k in MASKED + WHOLE}
     for i, sa in enumerate(seeds):
         sb = seeds[(i + 1) % len(seeds)]

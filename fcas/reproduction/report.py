@@ -215,8 +215,8 @@ def _oracles_md(o: Mapping[str, Any], s: ReproduceSettings) -> list[str]:
             f"into I_B scores {t['A_heart_in_B']} and into the mean of {s.oracle_mean_n} other phantoms "
             f"{t['A_heart_in_mean']} (I_B alone {t['B_image']}): copying the template's surroundings is "
             f"{'worse' if o['surroundings_copy_minus_mean'] < 0 else 'better'} than the population mean a mask-only "
-            "model can learn." + _region_ceiling(t) + " Phantom cases are drawn independently, so the template carries almost nothing about "
-            "I_A that M_A does not: the direction of Table 1 cannot show on them, whatever the models. Real scans of "
+            "model can learn." + _region_ceiling(t) + " Phantom cases are drawn independently, so the template "
+            "carries almost nothing about I_A that M_A does not: the direction of Table 1 cannot show on them, whatever the models. Real scans of "
             "one site share scanner, protocol and patient position, which is where the paper's template helps; "
             "testing that needs real CT.", ""]
 
