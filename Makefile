@@ -45,6 +45,8 @@ docs-check: install
 # mask channels: held-out pair SSIM 0.814 against 0.792 with bit planes, docs/benchmarks.md), one after the other.
 # (The bundled checkpoints predate this recipe: 16/32/64 VAE, 6000 + 3500 fp32 steps, bit planes; see
 # docs/benchmarks.md for what this one measured.)
+# The time depends on the machine: a second run from scratch on the same kind of machine stepped the VAE at about
+# 0.8 s instead of 0.4 s and was on course for 3.5 h; rerunning `make weights` resumes where it stopped.
 VAE_STEPS  ?= 8000
 TCDM_STEPS ?= 3500
 TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae condition.encoding=onehot \
