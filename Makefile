@@ -55,9 +55,10 @@ TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae con
               trainer.cpus_per_worker=1.75 trainer.progress=false
 weights: install
 	$(BIN)/python jobs/train_vae.py preset=demo model=demo 'model.vae.channels=[32,64,64]' data=phantom:64 \
-	    out=outputs/weights/vae 'train.crop=[32,32,32]' train.steps=$(VAE_STEPS) train.batch_size=2 train.lr=1e-3 train.warmup_steps=200 \
-	    train.amp=true train.buffer_cases=64 train.checkpoint_every=500 train.keep_checkpoints=2 \
-	    train.val_data=phantom:4@9000 trainer.num_workers=1 trainer.cpus_per_worker=1.75 trainer.progress=false
+	    out=outputs/weights/vae 'train.crop=[32,32,32]' train.steps=$(VAE_STEPS) train.batch_size=2 train.lr=1e-3 \
+	    train.warmup_steps=200 train.ssim_weight=0.5 train.amp=true train.buffer_cases=64 train.checkpoint_every=500 \
+	    train.keep_checkpoints=2 train.val_data=phantom:4@9000 \
+	    trainer.num_workers=1 trainer.cpus_per_worker=1.75 trainer.progress=false
 	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm
 	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm-mask-only condition.mask_only=true
 	$(BIN)/python -m fcas.models.export outputs/weights/tcdm checkpoints/demo
