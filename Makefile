@@ -40,13 +40,13 @@ docs-check: install
 # cost more than the step). The VAE trains in bfloat16 autocast (train.amp, CPU too: a step 0.55x its fp32 time, the
 # same held-out SSIM); the TCDMs stay fp32 (a bf16 run scored pair SSIM 0.757 against 0.790: docs/benchmarks.md).
 # Rebuild both demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from outputs/weights/):
-# the VAE (32/64/64 channels, L1 + 0.2 SSIM + KL, cosine lr, 8000 steps of 32^3 crops; 56.9 min measured), then
-# the template-guided TCDM and the mask-only ablation at the same budget (3500 steps, cosine lr, EMA weights, one-hot
-# mask channels: held-out pair SSIM 0.814 against 0.792 with bit planes, docs/benchmarks.md), one after the other.
-# (The bundled checkpoints predate this recipe: 16/32/64 VAE, 6000 + 3500 fp32 steps, bit planes; see
-# docs/benchmarks.md for what this one measured.)
-# The time depends on the machine: a second run from scratch on the same kind of machine stepped the VAE at about
-# 0.8 s instead of 0.4 s and was on course for 3.5 h; rerunning `make weights` resumes where it stopped.
+# the VAE (32/64/64 channels, L1 + 0.5 SSIM + KL, cosine lr, 8000 bf16 steps of 32^3 crops: held-out SSIM 0.920,
+# 30.1 dB), then the template-guided TCDM and the mask-only ablation at the same budget (3500 fp32 steps, cosine lr,
+# EMA weights, one-hot mask channels), one after the other. checkpoints/demo is this recipe's (2026-12-03);
+# checkpoints/demo-mask-only still the previous one's (bit planes on the 16/32/64 VAE); docs/benchmarks.md.
+# The time depends on the machine: the VAE stage took 56.9 min on one day and 102.8 and 124 min on others of the
+# same kind (a step 0.4 s against 0.8 s, CPU steal), the template-guided TCDM 86 min on the slow day, so the whole
+# rebuild takes about 2 h on a fast day and 4-4.5 h on a slow one; rerunning `make weights` resumes where it stopped.
 VAE_STEPS  ?= 8000
 TCDM_STEPS ?= 3500
 TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae condition.encoding=onehot \

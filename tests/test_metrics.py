@@ -1,6 +1,8 @@
 """fcas.metrics: Dice / RDice / SSIM / RMSE / FID on cases with known answers."""
+import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from scipy import ndimage
 
 from fcas.metrics import (VAEEncoderFeatures, ball, dice_per_class, dilate_ball, fid, frechet_distance,
                           make_lpips, mean_score, rdice_per_class, rmse, ssim)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cube(shape=(16, 16, 16), lo=4, hi=10, value=1, dtype=np.uint8):
@@ -234,10 +238,11 @@ def demo_features():
 
 def test_vae_encoder_features_name_the_network_and_fid_on_volumes(demo_features):
     assert "checkpoints/demo" in demo_features.description and "digest" in demo_features.description
-    assert demo_features.dim == 16 + 32 + 64
+    channels = json.loads((ROOT / "checkpoints" / "demo" / "config.json").read_text())["model"]["vae"]["channels"]
+    assert demo_features.dim == sum(channels)   # one mean-pooled feature per channel of every encoder level
     imgs = torch.from_numpy(np.stack([_image(s, (16, 16, 16)) for s in range(4)]))[:, None]
     f = demo_features(imgs)
-    assert f.shape == (4, 112) and f.dtype == torch.float64
+    assert f.shape == (4, sum(channels)) and f.dtype == torch.float64
     assert fid(f, f) == pytest.approx(0.0, abs=1e-6)
     shifted = [fid(demo_features((imgs * 0.5 + s).clamp(0, 1)), f) for s in (0.25, 0.35, 0.5)]
     assert 0 < shifted[0] < shifted[1] < shifted[2]
