@@ -27,7 +27,7 @@ demo: install bytecode
 	$(BIN)/python jobs/synthesize.py
 
 test: install bytecode
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Only the documentation's commands (make test runs them too): the cheap ones as written, the heavy ones
 # composed and run at the tiny preset in documented order (about 3 min on 2 cores)
