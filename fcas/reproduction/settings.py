@@ -59,6 +59,7 @@ class ReproduceSettings:
     augment: Mapping[str, Any] = field(default_factory=dict)
     val_every: int = 0                          # fine-tuning steps between validations (0: fixed step counts)
     patience: int = 0                           # validations without a better Dice before fine-tuning stops
+    seg_amp_dtype: str | None = None            # bfloat16: segmentation nets train (and validate) in bf16 autocast
     rdice_radius: int = 2
     threads: int = 2
     stop_after: str | None = None               # data | table1 | synthesis: stop there (the report shows what ran)
