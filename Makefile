@@ -42,8 +42,8 @@ docs-check: install
 # Rebuild both demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from outputs/weights/):
 # the VAE (32/64/64 channels, L1 + 0.5 SSIM + KL, cosine lr, 8000 bf16 steps of 32^3 crops: held-out SSIM 0.920,
 # 30.1 dB), then the template-guided TCDM and the mask-only ablation at the same budget (3500 fp32 steps, cosine lr,
-# EMA weights, one-hot mask channels), one after the other. checkpoints/demo is this recipe's (2026-12-03);
-# checkpoints/demo-mask-only still the previous one's (bit planes on the 16/32/64 VAE); docs/benchmarks.md.
+# EMA weights, one-hot mask channels), one after the other. Both bundles are this recipe's (checkpoints/demo
+# 2026-12-03, checkpoints/demo-mask-only 2026-12-04; docs/benchmarks.md).
 # The time depends on the machine: the VAE stage took 56.9 min on one day and 102.8 and 124 min on others of the
 # same kind (a step 0.4 s against 0.8 s, CPU steal), the template-guided TCDM 86 min on the slow day, so the whole
 # rebuild takes about 2 h on a fast day and 4-4.5 h on a slow one; rerunning `make weights` resumes where it stopped.
