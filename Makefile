@@ -65,10 +65,10 @@ weights: install
 	$(BIN)/python -m fcas.models.export outputs/weights/tcdm-mask-only checkpoints/demo-mask-only
 	$(BIN)/python benchmarks/vae_reconstruction.py --vae checkpoints/demo --json checkpoints/demo/vae_reconstruction.json
 
-# Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md. The converged design
-# takes about 4-5 h on 2 CPU cores (measured 2026-12-01, loaded machine: Table 1 + oracles 14 min, synthesis
-# 54 min, each segmentation arm 15-25 min, 9 arms); every stage is cached under outputs/reproduce-full/, so a
-# rerun resumes where it stopped, and docs/results.md shows the seeds that have finished.
+# Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md. From scratch on 2 CPU
+# cores it took 1 h 09 min (measured 2026-12-04: Table 1 + oracles 4 min, synthesis 33 min, 9 segmentation arms
+# 32 min in bf16 autocast, 2.7-4.6 min each); every stage is cached under outputs/reproduce-full/, so a rerun
+# resumes where it stopped, and docs/results.md shows the seeds that have finished.
 # The tiny-preset checkpoint (32^3 @ 4 mm) that the documented `preset=tiny` commands use: a plumbing
 # model for tests and smoke runs, not for images (about 3 min on 2 CPU cores).
 tiny-checkpoint: install

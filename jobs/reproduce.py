@@ -1,6 +1,6 @@
 """Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md (``make reproduce``).
 
-    python jobs/reproduce.py                 # full scale (4-5 h on 2 CPU cores; every stage cached, reruns resume)
+    python jobs/reproduce.py                 # full scale (1 h 09 min on 2 CPU cores; every stage cached, reruns resume)
     python jobs/reproduce.py scale=smoke     # every stage in seconds, results under outputs/
 """
 import sys
