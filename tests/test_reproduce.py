@@ -137,18 +137,35 @@ def test_stage_cache_runs_once(tmp_path):
 
 
 def test_stage_key_follows_settings_and_checkpoints(tiny_checkpoint, tmp_path):
+    """Each stage's key moves with what it depends on and only that: a segmentation setting reruns the arms
+    only, a new mask-only checkpoint Table 1 only, a synthesis setting synthesis and the arms."""
+    import dataclasses
     import shutil
 
     from fcas.reproduction import ReproduceSettings, stage_key
+    from fcas.reproduction.stages import NOT_A_DEPENDENCY, STAGE_DEPENDENCIES
 
     base = dict(work=str(tmp_path / "w"), checkpoint=tiny_checkpoint, mask_only_checkpoint=tiny_checkpoint)
-    k = stage_key(ReproduceSettings(**base))
-    assert stage_key(ReproduceSettings(**{**base, "work": str(tmp_path / "elsewhere"), "threads": 7})) == k
-    assert stage_key(ReproduceSettings(**{**base, "pairs": 3})) != k
+    stages = ("data", "table1", "synthesis", "seg")
+    keys = lambda **kw: {st: stage_key(ReproduceSettings(**{**base, **kw}), st) for st in stages}  # noqa: E731
+    k = keys()
+    assert len(set(k.values())) == 4
+    changed = lambda **kw: {st for st, v in keys(**kw).items() if v != k[st]}  # noqa: E731
+    assert changed(work=str(tmp_path / "elsewhere"), threads=7, seeds=(5,)) == set()
+    assert changed(pairs=3) == {"table1", "seg"}                 # the validation seeds follow the test seeds
+    assert changed(patience=9) == changed(seg_amp_dtype="bfloat16") == {"seg"}
+    assert changed(syn_n=7) == {"synthesis", "seg"}
+    assert changed(library_n=5) == set(stages)
     other = tmp_path / "other"
     shutil.copytree(tiny_checkpoint, other)
     (other / "checkpoint.json").write_text((other / "checkpoint.json").read_text() + "\n")   # another digest
-    assert stage_key(ReproduceSettings(**{**base, "mask_only_checkpoint": str(other)})) != k
+    assert changed(mask_only_checkpoint=str(other)) == {"table1"}
+    assert changed(checkpoint=str(other)) == {"table1", "synthesis", "seg"}
+    # every setting is some stage's dependency or declared none: a new field cannot reuse a stale result
+    listed = set(NOT_A_DEPENDENCY).union(*STAGE_DEPENDENCIES.values())
+    assert {f.name for f in dataclasses.fields(ReproduceSettings)} == listed
+    with pytest.raises(ValueError, match="unknown stage 'tables'"):
+        stage_key(ReproduceSettings(**base), "tables")
 
 
 @pytest.mark.parametrize("better, worse, sd_b, sd_w, higher, start", [

@@ -199,8 +199,8 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         return {"library": storage.join(lib_out, "cases.parquet"), "library_summary": summary,
                 "train_source": s.train_source, "test_source": s.test_source}
 
-    key = stage_key(s)
-    stages["data"] = run_stage(s.work, "data", data, key, clean=lib_out)
+    keys = {stage: stage_key(s, stage) for stage in ("data", "table1", "synthesis", "seg")}
+    stages["data"] = run_stage(s.work, "data", data, keys["data"], clean=lib_out)
     cache: dict[str, Any] = {}
     todo = ("table1", "synthesis", "seg")
     if s.stop_after in todo[:-1] or s.stop_after == "data":
@@ -215,21 +215,21 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
 
     for seed in s.seeds if "table1" in todo else ():
         stages[f"table1_seed{seed}"] = run_stage(s.work, f"table1_seed{seed}",
-                                              lambda seed=seed: table1_seed(s, seed, cases("test"), cases("floor")), key)
+                                              lambda seed=seed: table1_seed(s, seed, cases("test"), cases("floor")), keys["table1"])
     if "table1" in todo:
         from fcas.evaluation.template_oracles import template_information
 
         test_seeds = range(s.real_offset + s.n_train, s.real_offset + s.n_train + s.n_test)
         mean_seeds = range(s.real_offset + 9000, s.real_offset + 9000 + s.oracle_mean_n)
         stages["table1_oracles"] = run_stage(s.work, "table1_oracles", lambda: template_information(
-            test_seeds, s.shape, s.spacing, mean_seeds), key)
+            test_seeds, s.shape, s.spacing, mean_seeds), keys["table1"])
     syn_out = storage.join(s.work, "synthesis")
     if "synthesis" in todo:
         stages["synthesis"] = run_stage(s.work, "synthesis", lambda: runners.synthesize(
             n=s.syn_n, out=syn_out, checkpoint=s.checkpoint, templates=stages["data"]["result"]["library"],
             run_seed=s.syn_seed, steps=s.syn_steps, ssv_every=s.ssv_every, shape=s.shape, spacing=s.spacing,
             sampler_actors=s.sampler_actors, ssv_mode=s.ssv_mode, ssv_start=s.ssv_start,
-            sampler_threads=max(1, s.threads // max(1, s.sampler_actors))), key, clean=syn_out)
+            sampler_threads=max(1, s.threads // max(1, s.sampler_actors))), keys["synthesis"], clean=syn_out)
 
     def train_set():
         if "ft" not in cache:
@@ -242,7 +242,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         for arm in ARMS:
             name = f"seg_{arm}_seed{seed}"
             stages[name] = run_stage(s.work, name, lambda arm=arm, seed=seed: train_and_evaluate_seg(
-                s, arm, seed, syn_out, train_set(), cases("seg_test")), key, clean=storage.join(s.work, "seg", arm, f"seed{seed}"))
+                s, arm, seed, syn_out, train_set(), cases("seg_test")), keys["seg"], clean=storage.join(s.work, "seg", arm, f"seed{seed}"))
     from fcas.reproduction.report import render_results
 
     uri = render_results(s, stages, config or {})

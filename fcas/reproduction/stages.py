@@ -15,27 +15,50 @@ from fcas.reproduction.settings import ReproduceSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["stage_key", "run_stage", "read_stage_log", "log_event", "mean_sd", "STAGE_LOG", "MEASUREMENT_VERSION"]
+__all__ = ["stage_key", "run_stage", "read_stage_log", "log_event", "mean_sd", "STAGE_LOG", "MEASUREMENT_VERSION",
+           "STAGE_DEPENDENCIES", "NOT_A_DEPENDENCY"]
 
 STAGE_LOG = "stage_log.jsonl"
 
 MEASUREMENT_VERSION = 2   # 2: Table 1 scored under the cardiac mask of M_A (1: the whole volume)
 
 
-def stage_key(s: ReproduceSettings) -> str:
-    """What every stage's result depends on: the settings (less where they are written and how many
-    threads compute them), the two checkpoints' digests and :data:`MEASUREMENT_VERSION`."""
+# What each stage's result depends on (fields of ReproduceSettings); every field is in one of these or in
+# NOT_A_DEPENDENCY (a test holds that), so a new setting cannot silently reuse a stale result.
+_DATA = ("preset", "shape", "spacing", "schema", "library_n", "library")
+_REAL = ("n_train", "n_test", "real_offset", "pairs")    # the phantom seeds of Table 1, the seg and validation sets
+STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "data": _DATA,
+    "table1": _DATA + _REAL + ("checkpoint", "mask_only_checkpoint", "table1_steps", "oracle_mean_n", "fid_resize"),
+    "synthesis": _DATA + ("checkpoint", "syn_n", "syn_steps", "syn_seed", "ssv_every", "ssv_mode", "ssv_start",
+                          "sampler_actors"),
+}
+STAGE_DEPENDENCIES["seg"] = tuple(dict.fromkeys(STAGE_DEPENDENCIES["synthesis"] + _REAL + (
+    "n_val", "real_domain", "segnet", "pretrain_steps", "finetune_steps", "batch_size", "crop", "lr", "finetune_lr",
+    "augment", "val_every", "patience", "rdice_radius", "seg_amp_dtype")))
+NOT_A_DEPENDENCY = ("work", "results", "plots", "scale", "seeds", "threads", "stop_after")   # seeds: in stage names
+
+
+def stage_key(s: ReproduceSettings, stage: str = "seg") -> str:
+    """What ``stage``'s result depends on (``data``, ``table1`` -- its seeds and the oracles --, ``synthesis``,
+    ``seg``): the settings of :data:`STAGE_DEPENDENCIES`, the digests of the checkpoints among them and
+    :data:`MEASUREMENT_VERSION`. So a change to the segmentation settings reruns the segmentation arms only,
+    and a new mask-only checkpoint reruns Table 1 only."""
     from fcas.models.checkpoint import checkpoint_digest, config_hash
 
-    d = {k: v for k, v in asdict(s).items() if k not in ("work", "results", "plots", "threads", "stop_after")}
+    if stage not in STAGE_DEPENDENCIES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGE_DEPENDENCIES)}")
+    fields = STAGE_DEPENDENCIES[stage]
+    d = {k: v for k, v in asdict(s).items() if k in fields}
     digests = {}
     for name in ("checkpoint", "mask_only_checkpoint"):
-        uri = getattr(s, name)
+        if name not in fields:
+            continue
         try:
-            digests[name] = checkpoint_digest(uri)
+            digests[name] = checkpoint_digest(getattr(s, name))
         except (OSError, ValueError):
             digests[name] = None   # a missing checkpoint fails in the stage that loads it
-    return config_hash({"settings": json_safe(d), "digests": digests, "version": MEASUREMENT_VERSION})
+    return config_hash({"stage": stage, "settings": json_safe(d), "digests": digests, "version": MEASUREMENT_VERSION})
 
 
 def log_event(work: str, row: dict) -> None:
