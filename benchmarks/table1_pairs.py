@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     cfg.update(work="unused", checkpoint=args.a, mask_only_checkpoint=args.b, seeds=args.seeds)
     s = ReproduceSettings.from_dict(cfg)
     test = load_cases(s.test_source, s.shape, s.spacing)
-    floor = load_cases(f"phantom:{s.pairs}@{s.real_offset + s.n_train + s.n_test}", s.shape, s.spacing)
+    floor = load_cases(s.floor_source, s.shape, s.spacing)
     runs = []
     for seed in args.seeds:
         r = table1_seed(s, seed, test, floor)

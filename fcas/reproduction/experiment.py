@@ -13,7 +13,7 @@ import torch
 
 from fcas.io import storage
 from fcas.reproduction.settings import ARMS, ReproduceSettings, Runners
-from fcas.reproduction.stages import log_event, run_stage, stage_key
+from fcas.reproduction.stages import STAGE_DEPENDENCIES, log_event, run_stage, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         return {"library": storage.join(lib_out, "cases.parquet"), "library_summary": summary,
                 "train_source": s.train_source, "test_source": s.test_source}
 
-    keys = {stage: stage_key(s, stage) for stage in ("data", "table1", "synthesis", "seg")}
+    keys = {stage: stage_key(s, stage) for stage in STAGE_DEPENDENCIES}
     stages["data"] = run_stage(s.work, "data", data, keys["data"], clean=lib_out)
     cache: dict[str, Any] = {}
     todo = ("table1", "synthesis", "seg")
@@ -209,7 +209,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
     def cases(which: str):
         if which not in cache:
             src = {"train": s.train_source, "test": s.test_source, "seg_test": s.seg_test_source,
-                   "floor": f"phantom:{s.pairs}@{s.real_offset + s.n_train + s.n_test}"}[which]
+                   "floor": s.floor_source}[which]
             cache[which] = load_cases(src, s.shape, s.spacing)
         return cache[which]
 

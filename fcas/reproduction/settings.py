@@ -109,6 +109,11 @@ class ReproduceSettings:
         return self.test_source + self._domain
 
     @property
+    def floor_source(self) -> str:
+        """Table 1's real-vs-real FID floor: as many other (standard) phantoms as pairs, after train and test."""
+        return f"phantom:{self.pairs}@{self.real_offset + self.n_train + self.n_test}"
+
+    @property
     def val_source(self) -> str | None:
         """Validation phantoms (in :attr:`real_domain`): after the train, test and FID-floor seeds."""
         if not self.n_val:

@@ -39,7 +39,7 @@ STAGE_DEPENDENCIES["seg"] = tuple(dict.fromkeys(STAGE_DEPENDENCIES["synthesis"] 
 NOT_A_DEPENDENCY = ("work", "results", "plots", "scale", "seeds", "threads", "stop_after")   # seeds: in stage names
 
 
-def stage_key(s: ReproduceSettings, stage: str = "seg") -> str:
+def stage_key(s: ReproduceSettings, stage: str) -> str:
     """What ``stage``'s result depends on (``data``, ``table1`` -- its seeds and the oracles --, ``synthesis``,
     ``seg``): the settings of :data:`STAGE_DEPENDENCIES`, the digests of the checkpoints among them and
     :data:`MEASUREMENT_VERSION`. So a change to the segmentation settings reruns the segmentation arms only,

@@ -67,7 +67,7 @@ class CALTrainConfig:
     grad_clip: float = 12.0        # nnU-Net's clip; 0 = off
     crop: tuple[int, int, int] | None = None   # random training window in voxels (None: whole volumes)
     amp: bool = True               # autocast in amp_dtype: float16 on CUDA only; bfloat16 on CUDA and CPU
-    amp_dtype: str = "float16"     # bfloat16 on CPU: a DynUNet step 0.45x its fp32 time (docs/benchmarks.md)
+    amp_dtype: str = "float16"     # bfloat16 on CPU: a DynUNet step 0.45x its fp32 time (configs/reproduce.yaml)
     val: str | None = None         # labelled validation cases (phantom:N@OFFSET | cases.parquet 'val' rows)
     val_every: int = 0             # fine-tuning steps between validations (0: no validation)
     patience: int = 0              # stop fine-tuning after this many validations without a better
