@@ -303,3 +303,45 @@ def test_clip_x0_bounds_the_predictions_and_auto_reads_the_bundle():
     assert torch.equal(auto.latent, clipped.latent)
     with pytest.raises(ValueError, match="clip_x0"):
         sample(model, c, None, steps=2, clip_x0=-1.0)
+
+
+def test_pairs_within_sites_stay_in_the_site_and_cover_its_ordered_pairs():
+    sites = ["s0", "s0", "s0", "s1", "s1", ""]
+    p = sample_pairs(6, 3000, step_rng(0, 1), sites)
+    assert (p[:, 0] != p[:, 1]).all()
+    assert np.array_equal(p[:, 0], sample_pairs(6, 3000, step_rng(0, 1))[:, 0])   # a is drawn as without sites
+    for a, b in p:
+        if a < 5:
+            assert sites[a] == sites[b]
+    seen = {tuple(r) for r in p}
+    assert {(a, b) for a in range(3) for b in range(3) if a != b} <= seen and {(3, 4), (4, 3)} <= seen
+    assert {b for a, b in p if a == 5} == {0, 1, 2, 3, 4}      # no site: any other case
+    assert np.array_equal(p, sample_pairs(6, 3000, step_rng(0, 1), sites))
+    with pytest.raises(ValueError, match="sites names 2 cases, expected 6"):
+        sample_pairs(6, 3, step_rng(0, 0), ["a", "b"])
+
+
+def test_held_out_partner_is_the_next_case_of_the_site():
+    from fcas.diffusion.pairs import held_out_partner
+
+    sites = ["x", "y", "x", "y", "z", "x"]
+    assert [held_out_partner(i, 6, sites) for i in range(6)] == [2, 3, 5, 1, 5, 0]   # z alone: i + 1
+    assert [held_out_partner(i, 3) for i in range(4)] == [1, 2, 0, 1]
+
+
+def test_phantom_sources_name_sites_and_refuse_bad_ones():
+    from fcas.diffusion.data import case_rows, load_cases, parse_phantom_source
+
+    assert parse_phantom_source("phantom:12@5/4:lowdose") == (12, 5, 4, "lowdose")
+    assert parse_phantom_source("phantom:3") == (3, 0, None, "standard")
+    assert parse_phantom_source("outputs/cases") is None
+    with pytest.raises(ValueError, match=r"'phantom:4/0'.*K >= 1"):
+        parse_phantom_source("phantom:4/0")
+    rows = case_rows("phantom:4@6/4")
+    assert [(r["phantom_seed"], r["phantom_site"], r["site"]) for r in rows] == [
+        (6, 1, "phantom_site_0001"), (7, 1, "phantom_site_0001"), (8, 2, "phantom_site_0002"), (9, 2, "phantom_site_0002")]
+    cases = load_cases("phantom:2@7/4", (32, 32, 32), (4.0, 4.0, 4.0))
+    assert cases.sites == ["phantom_site_0001", "phantom_site_0002"]
+    assert load_cases("phantom:2@7", (32, 32, 32), (4.0, 4.0, 4.0)).sites is None
+    from fcas.phantom import make_case
+    assert np.array_equal(cases.labels[1].numpy(), make_case(8, (32, 32, 32), (4.0, 4.0, 4.0), site=2).label)

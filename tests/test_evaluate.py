@@ -283,3 +283,17 @@ def test_segmentation_on_s3(s3_uri, phantoms):
     saved = json.loads(storage.read_bytes(f"{s3_uri}/out/metrics.json"))
     assert saved["mean_dice"] == pytest.approx(m["mean_dice"])
     assert storage.read_bytes(f"{s3_uri}/out/dice_per_class.png").startswith(PNG)
+
+
+def test_template_oracles_with_sites_pair_within_the_site_and_the_site_mean_beats_the_population_mean():
+    from fcas.evaluation.template_oracles import MASKED, SITE, WHOLE, template_information
+
+    g = dict(shape=(32, 32, 32), spacing=(4.0, 4.0, 4.0))
+    out = template_information(range(20, 24), mean_seeds=range(200, 206), site_size=2, **g)
+    assert out["site_size"] == 2 and set(out["table"]) == set(MASKED + WHOLE + SITE)
+    assert all(len(v["per_pair"]) == 4 and -1 <= min(v["per_pair"]) <= max(v["per_pair"]) <= 1 for v in out["table"].values())
+    t = {k: v["mean"] for k, v in out["table"].items()}
+    assert t["own_hu_of_B"] > 0.98                              # B (same site) has nearly A's table
+    assert t["A_heart_in_site_mean"] > t["A_heart_in_mean"]     # the site's context is information about I_A
+    free = template_information(range(20, 24), mean_seeds=range(200, 206), **g)
+    assert set(free["table"]) == set(MASKED + WHOLE) and free["site_size"] is None

@@ -228,3 +228,34 @@ def test_unknown_domain_is_refused_in_the_case_and_in_the_source():
         load_cases("phantom:1@3:mri", (32, 32, 32), (4.0, 4.0, 4.0))
     a = load_cases("phantom:1@3:lowdose", (32, 32, 32), (4.0, 4.0, 4.0))
     assert a.case_ids == ["phantom_00003"] and np.array_equal(a.labels[0].numpy(), make_case(3, (32, 32, 32), (4.0, 4.0, 4.0)).label)
+
+
+# ---- sites: families sharing HU table and surroundings ---------------------------------------------
+def test_a_site_at_spread_one_is_the_independent_case_and_at_zero_shares_its_table():
+    g = ((32, 32, 32), (4.0, 4.0, 4.0))
+    free = make_case(5, *g)
+    same = make_case(5, *g, site=3, site_spread=1.0)
+    assert np.array_equal(free.image, same.image) and np.array_equal(free.label, same.label)
+    assert same.info["site"] == 3 and free.info["site"] is None
+    a, b = (make_case(s, *g, site=3, site_spread=0.0) for s in (5, 6))
+    assert a.info["hu"] == b.info["hu"]                        # the site's table exactly
+    assert not np.array_equal(a.label, b.label)                # each case keeps its own heart
+    free_b = make_case(6, *g)
+    assert np.array_equal(np.isin(b.label, SCHEMA.cardiac_ids), np.isin(free_b.label, SCHEMA.cardiac_ids))
+    with pytest.raises(ValueError, match="site spread must be in"):
+        make_case(5, *g, site=3, site_spread=1.5)
+
+
+def test_cases_of_one_site_are_closer_than_cases_of_two_sites():
+    from fcas.phantom.sites import DEFAULT_SPREAD
+
+    g = ((32, 32, 32), (4.0, 4.0, 4.0))
+    keys = ("blood_l", "myo", "noise", "lung", "soft")
+    table = lambda s, k: np.array([make_case(s, *g, site=k).info["hu"][x] for x in keys])  # noqa: E731
+    within = np.abs(table(10, 0) - table(11, 0)).mean()
+    across = np.abs(table(10, 0) - table(12, 1)).mean()
+    assert within < 0.6 * across
+    # the spread scales the case's deviation from its site: spread 0.3 keeps 30 % of it
+    t0 = np.array([make_case(10, *g, site=0, site_spread=0.0).info["hu"][x] for x in keys])
+    t1 = np.array([make_case(10, *g, site=0, site_spread=1.0).info["hu"][x] for x in keys])
+    assert np.allclose(table(10, 0), t0 + DEFAULT_SPREAD * (t1 - t0), atol=0.06)   # info rounds to 0.1 HU

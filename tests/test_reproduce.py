@@ -181,7 +181,7 @@ def test_verdict(better, worse, sd_b, sd_w, higher, start):
 
 
 @pytest.mark.parametrize("bad", [{"seeds": []}, {"pairs": 1}, {"n_test": 1}, {"stop_after": "nope"}, {"nonsense": 1},
-                                 {"real_domain": "mri"}])
+                                 {"real_domain": "mri"}, {"site_size": 1}])
 def test_settings_refuse_bad_values(bad):
     with pytest.raises(ValueError):
         ReproduceSettings.from_dict({"work": "w", **bad})
@@ -192,6 +192,12 @@ def test_real_domain_moves_the_segmentation_cases_only():
     assert s.train_source == "phantom:2@100:lowdose" and s.seg_test_source == "phantom:3@102:lowdose"
     assert s.val_source == "phantom:2@108:lowdose"
     assert s.test_source == "phantom:3@102"   # Table 1's pairs stay in the TCDM's own domain
+
+
+def test_sites_group_table1_pairs_and_floor_only():
+    s = ReproduceSettings(work="w", n_train=2, n_test=3, pairs=3, real_offset=100, real_domain="lowdose", site_size=5)
+    assert s.test_source == "phantom:3@102/5" and s.floor_source == "phantom:3@105/5"
+    assert s.seg_test_source == "phantom:3@102:lowdose" and s.train_source == "phantom:2@100:lowdose"
 
 
 def test_unknown_scale_is_refused(tmp_path):

@@ -420,3 +420,18 @@ def test_a_trainer_that_holds_every_local_cpu_is_refused_before_training(tmp_pat
                                          rf"data tasks \(0.25 CPU each\): use trainer.cpus_per_worker<={total - 0.25:g}"):
         run(cfg)
     assert not (tmp_path / "vae").exists()
+
+
+def test_the_case_buffer_keeps_the_site_of_every_slot_and_the_stream_carries_it():
+    from fcas.diffusion.data import CaseBuffer, case_rows, load_case_batch
+    from fcas.diffusion.pairs import refill_rng
+
+    rows = [{"case_id": f"c{i}", "image": np.full((1, 4, 4, 4), i, np.float32), "label": np.zeros((4, 4, 4), np.uint8),
+             "site": f"s{i % 2}"} for i in range(6)]
+    buf = CaseBuffer(_local_stream(rows), 3)
+    for step in range(1, 60):
+        buf.refill(refill_rng(0, step))
+        assert buf.cases.sites == [f"s{int(c[1:]) % 2}" for c in buf.cases.case_ids]
+    site_rows = case_rows("phantom:2@3/2")
+    b = load_case_batch({k: [r[k] for r in site_rows] for k in site_rows[0]}, TINY["shape"], TINY["spacing"])
+    assert list(b["site"]) == ["phantom_site_0001", "phantom_site_0002"]

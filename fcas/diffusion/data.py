@@ -2,7 +2,11 @@
 
 Sources: a prepared ``cases.parquet`` (file, or the folder holding it; rows of the requested split)
 or ``phantom:N`` / ``phantom:N@OFFSET`` (N procedural phantoms with seeds OFFSET..OFFSET+N-1,
-generated at the preset grid; what tests use). Pair batches take the same random crop window in
+generated at the preset grid; what tests use). ``phantom:N[@OFFSET]/K``: the phantoms come in sites of
+K consecutive seeds (site ``seed // K``, :mod:`fcas.phantom.sites`) that share HU table and
+surroundings as the scans of one hospital do; a cases.parquet names sites in an optional ``site``
+column. Each case carries its site (``CaseArrays.sites``; "" for none), and TCDM pairs are drawn
+within a site where the cases name one (:func:`fcas.diffusion.pairs.sample_pairs`). Pair batches take the same random crop window in
 both cases of a pair (the volumes share one grid). Hand-written (indexing only).
 
 Two ways to feed a training loop:
@@ -46,19 +50,53 @@ from fcas.io import storage
 __all__ = ["CaseArrays", "load_cases", "case_rows", "load_raw_case", "load_case_batch", "CaseBuffer", "crop_slices",
            "pair_batch"]
 
-_PHANTOM = re.compile(r"phantom:(\d+)(?:@(\d+))?(?::([a-z]+))?$")   # phantom:N[@OFFSET][:DOMAIN]
+_PHANTOM = re.compile(r"phantom:(\d+)(?:@(\d+))?(?:/(\d+))?(?::([a-z]+))?$")   # phantom:N[@OFFSET][/SITE][:DOMAIN]
+
+
+def parse_phantom_source(source: str) -> tuple[int, int, int | None, str] | None:
+    """``phantom:N[@OFFSET][/SITE][:DOMAIN]`` -> ``(N, OFFSET, SITE or None, DOMAIN)``; None for any other
+    source. Raises ValueError naming the source for N < 1, a site size < 1 or an unknown domain."""
+    m = _PHANTOM.match(str(source))
+    if not m:
+        return None
+    from fcas.phantom import DOMAINS
+
+    n, offset = int(m.group(1)), int(m.group(2) or 0)
+    site = None if m.group(3) is None else int(m.group(3))
+    domain = m.group(4) or "standard"
+    if n < 1:
+        raise ValueError(f"{source!r}: phantom source needs N >= 1")
+    if site is not None and site < 1:
+        raise ValueError(f"{source!r}: phantom sites need at least 1 case each (/K with K >= 1)")
+    if domain not in DOMAINS:
+        raise ValueError(f"{source!r}: unknown phantom domain {domain!r}; known: {', '.join(DOMAINS)}")
+    return n, offset, site, domain
+
+
+def phantom_site(seed: int, site_size: int | None) -> int:
+    """The site id of phantom ``seed`` for sites of ``site_size`` consecutive seeds; -1 without sites."""
+    from fcas.phantom.sites import site_of
+
+    return -1 if site_size is None else site_of(seed, site_size)
+
+
+def site_name(site_id: int) -> str:
+    """The ``site`` string a phantom site id gets in case rows and :class:`CaseArrays` ("" for -1)."""
+    return "" if int(site_id) < 0 else f"phantom_site_{int(site_id):04d}"
 
 
 @dataclass
 class CaseArrays:
     """``images (N, 1, D, H, W)`` float32 in [0, 1]; ``labels (N, D, H, W)`` uint8; ``case_ids``; ``affines``;
-    ``latents (N, C, D/4, H/4, W/4)`` float32 unscaled VAE posterior means (from a latent cache) or None."""
+    ``latents (N, C, D/4, H/4, W/4)`` float32 unscaled VAE posterior means (from a latent cache) or None;
+    ``sites``: each case's site ("" for none; None: no case names one)."""
 
     case_ids: list[str]
     images: torch.Tensor
     labels: torch.Tensor
     affines: list[np.ndarray]
     latents: torch.Tensor | None = None
+    sites: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -68,13 +106,14 @@ class CaseArrays:
         return tuple(self.labels.shape[1:])
 
 
-def _stack(ids, imgs, labs, affs) -> CaseArrays:
+def _stack(ids, imgs, labs, affs, sites=None) -> CaseArrays:
     shapes = {tuple(a.shape) for a in imgs} | {tuple(a.shape) for a in labs}
     if len(shapes) != 1:
         raise ValueError(f"training cases must share one grid; found shapes {sorted(shapes)}")
     images = torch.stack([hu_to_unit(a) for a in imgs]).unsqueeze(1)
     labels = torch.from_numpy(np.stack([np.asarray(a, dtype=np.uint8) for a in labs]))
-    return CaseArrays(list(ids), images, labels, list(affs))
+    sites = [str(x) for x in sites] if sites is not None and any(sites) else None
+    return CaseArrays(list(ids), images, labels, list(affs), sites=sites)
 
 
 def load_cases(
@@ -83,24 +122,25 @@ def load_cases(
     spacing: Sequence[float] | None = None,
     split: str | None = "train",
 ) -> CaseArrays:
-    """Load cases from ``phantom:N[@OFFSET][:DOMAIN]`` (needs ``shape``/``spacing``; DOMAIN one of
+    """Load cases from ``phantom:N[@OFFSET][/SITE][:DOMAIN]`` (needs ``shape``/``spacing``; DOMAIN one of
     :data:`fcas.phantom.DOMAINS`, default standard) or a cases.parquet URI."""
-    m = _PHANTOM.match(str(source))
-    if m:
-        from fcas.phantom import DOMAINS, make_case
+    parsed = parse_phantom_source(source)
+    if parsed:
+        from fcas.phantom import make_case
 
-        n, offset, domain = int(m.group(1)), int(m.group(2) or 0), m.group(3) or "standard"
-        if n < 1 or shape is None or spacing is None:
-            raise ValueError(f"{source!r}: phantom source needs N >= 1 and the preset shape and spacing")
-        if domain not in DOMAINS:
-            raise ValueError(f"{source!r}: unknown phantom domain {domain!r}; known: {', '.join(DOMAINS)}")
-        cases = [make_case(seed=offset + i, shape=tuple(shape), spacing=tuple(spacing), domain=domain)
-                 for i in range(n)]
+        n, offset, site_size, domain = parsed
+        if shape is None or spacing is None:
+            raise ValueError(f"{source!r}: phantom source needs the preset shape and spacing")
+        seeds = range(offset, offset + n)
+        sites = [phantom_site(s, site_size) for s in seeds]
+        cases = [make_case(seed=s, shape=tuple(shape), spacing=tuple(spacing), domain=domain,
+                           site=None if k < 0 else k) for s, k in zip(seeds, sites)]
         return _stack(
-            [f"phantom_{offset + i:05d}" for i in range(n)],
+            [f"phantom_{s:05d}" for s in seeds],
             [c.image for c in cases],
             [c.label for c in cases],
             [np.asarray(c.affine) for c in cases],
+            [site_name(k) for k in sites],
         )
     from fcas.io.manifest import read_cases
     from fcas.io.nifti import read_nifti
@@ -122,21 +162,24 @@ def load_cases(
         imgs.append(img.array)
         labs.append(lab.array)
         affs.append(img.affine)
-    return _stack(ids, imgs, labs, affs)
+    return _stack(ids, imgs, labs, affs, [str(r.get("site") or "") for r in rows])
 
 
 def case_rows(source: str, split: str | None = "train") -> list[dict]:
-    """What a stream needs to load each case, without loading any: ``case_id`` and either ``phantom_seed``
-    (``phantom:N[@OFFSET]``) or ``image_uri`` / ``label_uri`` (a cases.parquet, only its rows of ``split``)."""
-    m = _PHANTOM.match(str(source))
-    if m:
-        n, offset = int(m.group(1)), int(m.group(2) or 0)
-        if n < 1:
-            raise ValueError(f"{source!r}: phantom source needs N >= 1")
-        if m.group(3) not in (None, "standard"):
+    """What a stream needs to load each case, without loading any: ``case_id``, ``site`` ("" for none),
+    and either ``phantom_seed`` / ``phantom_site`` (``phantom:N[@OFFSET][/SITE]``; site -1 for none) or
+    ``image_uri`` / ``label_uri`` (a cases.parquet, only its rows of ``split``)."""
+    parsed = parse_phantom_source(source)
+    if parsed:
+        n, offset, site_size, domain = parsed
+        if domain != "standard":
             raise ValueError(f"{source!r}: the streamed training jobs read standard phantoms only")
-        return [{"case_id": f"phantom_{offset + i:05d}", "phantom_seed": offset + i, "image_uri": "", "label_uri": ""}
-                for i in range(n)]
+        rows = []
+        for s in range(offset, offset + n):
+            k = phantom_site(s, site_size)
+            rows.append({"case_id": f"phantom_{s:05d}", "phantom_seed": s, "phantom_site": k, "site": site_name(k),
+                         "image_uri": "", "label_uri": ""})
+        return rows
     from fcas.io.manifest import read_cases
 
     uri = str(source) if str(source).endswith(".parquet") else storage.join(str(source), "cases.parquet")
@@ -145,18 +188,19 @@ def case_rows(source: str, split: str | None = "train") -> list[dict]:
     rows = [r for r in read_cases(uri, schema=None).to_pylist() if split is None or r.get("split") == split]
     if not rows:
         raise ValueError(f"data source {uri} has no cases in split {split!r}")
-    return [{"case_id": r["case_id"], "phantom_seed": -1, "image_uri": r["image_uri"], "label_uri": r["label_uri"]}
-            for r in rows]
+    return [{"case_id": r["case_id"], "phantom_seed": -1, "phantom_site": -1, "site": str(r.get("site") or ""),
+             "image_uri": r["image_uri"], "label_uri": r["label_uri"]} for r in rows]
 
 
 def load_raw_case(phantom_seed: int, image_uri: str, label_uri: str, shape: Sequence[int],
-                  spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+                  spacing: Sequence[float], phantom_site: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """One row of :func:`case_rows` -> ``(image (D, H, W) HU as stored, label (D, H, W))``: the phantom of
-    ``phantom_seed`` (>= 0) at the preset grid, else the two NIfTI files."""
+    ``phantom_seed`` (>= 0; of site ``phantom_site`` when >= 0) at the preset grid, else the two NIfTI files."""
     if int(phantom_seed) >= 0:
         from fcas.phantom import make_case
 
-        c = make_case(seed=int(phantom_seed), shape=tuple(shape), spacing=tuple(spacing))
+        c = make_case(seed=int(phantom_seed), shape=tuple(shape), spacing=tuple(spacing),
+                      site=None if int(phantom_site) < 0 else int(phantom_site))
         return c.image, c.label
     from fcas.io.nifti import read_nifti
 
@@ -167,12 +211,16 @@ def load_case_batch(batch, shape: Sequence[int], spacing: Sequence[float]) -> di
     """Rows of :func:`case_rows` (columns of ``(B,)``) -> ``case_id (B,)``, ``image (B, 1, D, H, W)`` float32 in
     [0, 1], ``label (B, D, H, W)`` uint8 (the Ray Data map of the streamed training jobs)."""
     imgs, labs = [], []
-    for seed, img_uri, lab_uri in zip(batch["phantom_seed"], batch["image_uri"], batch["label_uri"]):
-        img, lab = load_raw_case(int(seed), str(img_uri), str(lab_uri), shape, spacing)
+    n = len(batch["case_id"])
+    site_ids = batch["phantom_site"] if "phantom_site" in batch else [-1] * n
+    for seed, img_uri, lab_uri, k in zip(batch["phantom_seed"], batch["image_uri"], batch["label_uri"], site_ids):
+        img, lab = load_raw_case(int(seed), str(img_uri), str(lab_uri), shape, spacing, int(k))
         imgs.append(img)
         labs.append(lab)
     cases = _stack([str(i) for i in batch["case_id"]], imgs, labs, [np.eye(4)] * len(imgs))
-    return {"case_id": np.asarray(cases.case_ids), "image": cases.images.numpy(), "label": cases.labels.numpy()}
+    sites = [str(x) for x in batch["site"]] if "site" in batch else [""] * n
+    return {"case_id": np.asarray(cases.case_ids), "image": cases.images.numpy(), "label": cases.labels.numpy(),
+            "site": np.asarray(sites)}
 
 
 class CaseBuffer:
@@ -192,6 +240,8 @@ class CaseBuffer:
                                 torch.stack([torch.tensor(np.asarray(c["image"], dtype=np.float32)) for c in first]),
                                 torch.stack([torch.tensor(np.asarray(c["label"], dtype=np.uint8)) for c in first]),
                                 [np.eye(4)] * size)
+        sites = [str(c.get("site", "")) for c in first]
+        self.cases.sites = sites if any(sites) else None
         if "latent" in first[0]:
             self.cases.latents = torch.stack([torch.tensor(np.asarray(c["latent"], dtype=np.float32)) for c in first])
 
@@ -210,6 +260,11 @@ class CaseBuffer:
         if self.cases.latents is not None:
             self.cases.latents[slot] = torch.as_tensor(np.array(c["latent"], dtype=np.float32))
         self.cases.case_ids[slot] = str(c["case_id"])
+        site = str(c.get("site", ""))
+        if site and self.cases.sites is None:
+            self.cases.sites = [""] * len(self.cases)
+        if self.cases.sites is not None:
+            self.cases.sites[slot] = site
         return slot
 
 

@@ -112,8 +112,9 @@ def load_raw_batch(batch, shape: Sequence[int], spacing: Sequence[float]) -> dic
     [-1000, 1000] (int16 when the source stores integers, else float32), ``label (B, D, H, W)`` uint8,
     ``source (B,)`` (the load stage of ``jobs/cache_latents.py``)."""
     imgs, labs, sources = [], [], []
-    for seed, img_uri, lab_uri in zip(batch["phantom_seed"], batch["image_uri"], batch["label_uri"]):
-        img, lab = load_raw_case(int(seed), str(img_uri), str(lab_uri), shape, spacing)
+    site_ids = batch["phantom_site"] if "phantom_site" in batch else [-1] * len(batch["case_id"])
+    for seed, img_uri, lab_uri, k in zip(batch["phantom_seed"], batch["image_uri"], batch["label_uri"], site_ids):
+        img, lab = load_raw_case(int(seed), str(img_uri), str(lab_uri), shape, spacing, int(k))
         img = np.asarray(img)
         dtype = np.int16 if np.issubdtype(img.dtype, np.integer) else np.float32
         imgs.append(np.clip(img, HU_MIN, HU_MAX).astype(dtype))

@@ -18,6 +18,7 @@ from fcas.phantom.geometry import Grid, Waves
 from fcas.phantom.heart import Heart
 from fcas.phantom.image import render_image
 from fcas.phantom.intensities import IDS
+from fcas.phantom.sites import DEFAULT_SPREAD, SiteDraws
 from fcas.phantom.surroundings import surroundings
 from fcas.phantom.topology import enforce_topology
 from fcas.phantom.vessels import coronary_trees, great_vessels
@@ -48,11 +49,15 @@ def _validate(shape, spacing):
 
 
 def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0), noise: bool = True,
-              domain: str = "standard") -> PhantomCase:
+              domain: str = "standard", site: int | None = None, site_spread: float = DEFAULT_SPREAD) -> PhantomCase:
     """Draw phantom case ``seed`` on a ``shape`` grid with ``spacing`` mm (see :mod:`fcas.phantom`).
 
     ``domain``: the acquisition (:data:`~fcas.phantom.intensities.DOMAINS`, see
     :func:`~fcas.phantom.intensities.apply_domain`); the label map of a seed is the same in every domain.
+
+    ``site``: the site the case belongs to (:mod:`fcas.phantom.sites`): its HU table and surroundings
+    are pulled towards the site's, ``site_spread`` of the population's spread left to the case; None
+    (default): an independent case. The heart, vessels and noise are the seed's own either way.
 
     ``noise=False`` leaves out the final correlated noise (the last draw, so everything else is the
     same case): the noise-free reference a denoising reconstruction is scored against.
@@ -63,7 +68,8 @@ def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0), noise: boo
     rng = np.random.default_rng(seed)
     grid = Grid(shape, spacing)
     g = float(rng.uniform(0.95, 1.15))
-    hu = intensities.apply_domain(intensities.draw_hu(rng), domain)   # via the module: template_oracles swaps it
+    shared = rng if site is None else SiteDraws(rng, site, site_spread)   # HU table and surroundings
+    hu = intensities.apply_domain(intensities.draw_hu(shared), domain)   # via the module: template_oracles swaps it
     heart = Heart(rng, g)
     ves = great_vessels(heart, rng, g)
     step = 0.5 * min(spacing)
@@ -81,7 +87,7 @@ def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0), noise: boo
     extra = np.full(shape, np.nan, np.float32)
     heart_env = (np.minimum(f["epi"], np.minimum(f["la"], f["ra"]) - heart.wall_a)
                  < rng.uniform(2, 5) + Waves(rng, 4, (30, 80), 2.0).grid(grid.axes))
-    sur = surroundings(grid, rng, heart_env, ves, trees, hu, extra)
+    sur = surroundings(grid, shared, heart_env, ves, trees, hu, extra)
     extra[reg["walls"]] = hu["myo"]
 
     schema = default_schema()
@@ -95,5 +101,6 @@ def make_case(seed: int, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0), noise: boo
     # image: class HU table, unlabelled tissue and sub-tissues from `extra`, blur, correlated noise
     image = render_image(label, extra, f["pap"], grid, hu, rng, schema, noise)
     info = dict(scale=g, apex_dir=heart.R[0].tolist(), hu={k: round(v, 1) for k, v in hu.items()},
-                fixed_voxels=fixed, spacing=spacing, domain=domain)
+                fixed_voxels=fixed, spacing=spacing, domain=domain,
+                site=None if site is None else int(site))
     return PhantomCase(image=image, label=label, affine=grid.affine, seed=int(seed), info=info)

@@ -107,7 +107,9 @@ def surroundings(grid: Grid, rng, heart_env: np.ndarray, ves: dict, trees, hu: d
     extra[air] = -900.0
     extra[svc] = hu["svc"]
     extra[dsc] = hu["blood_l"]
-    # pulmonary vessels: a few bright branching tubes inside the lungs
+    # pulmonary vessels: a few bright branching tubes inside the lungs, the case's own at a site too
+    rng = getattr(rng, "case", rng)
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
     vmask = np.zeros(grid.shape, bool)
     for _ in range(int(rng.integers(30, 45))):
         side = rng.choice([-1, 1])

@@ -151,6 +151,8 @@ def shard_cases():
         for b in shard.iter_batches(batch_size=1, batch_format="numpy"):
             n += 1
             case = {"case_id": str(b["case_id"][0]), "image": b["image"][0], "label": b["label"][0]}
+            if "site" in b:   # the pairs of a step are drawn within a site (fcas.diffusion.pairs)
+                case["site"] = str(b["site"][0])
             if "latent" in b:   # a latent cache (train.latent_cache)
                 case["latent"] = b["latent"][0]
             yield case

@@ -25,7 +25,8 @@ __all__ = ["run_reproduce", "sample_held_out_pairs", "table1_seed", "vae_reconst
 
 @torch.no_grad()
 def sample_held_out_pairs(checkpoint: str, cases, pairs: int, steps: int, seed: int) -> list[np.ndarray]:
-    """Direction B@A on pairs ``(i, i+1 mod N)`` of ``cases`` (:class:`fcas.diffusion.data.CaseArrays`):
+    """Direction B@A on the pairs ``(i, held_out_partner(i))`` of ``cases`` (:class:`fcas.diffusion.data.CaseArrays`;
+    the template B is the next case of A's site, :func:`fcas.diffusion.pairs.held_out_partner`):
     ``I_A`` sampled from ``(M_A, M_B, I_B)`` (the mask-only checkpoint ignores ``M_B``/``I_B``) with
     DDIM; pair ``i``'s initial noise comes from ``rng([seed, i])``, the same for every checkpoint.
 
@@ -35,12 +36,14 @@ def sample_held_out_pairs(checkpoint: str, cases, pairs: int, steps: int, seed: 
     from fcas.diffusion.conditioning import build_c_raw
     from fcas.diffusion.sampling import decode_latent, sample
     from fcas.diffusion.bundle import load_tcdm
+    from fcas.diffusion.pairs import held_out_partner
 
     bundle = load_tcdm(checkpoint)
     cond = bundle.condition
     out = []
     for i in range(pairs):
-        a, b = i % len(cases), (i + 1) % len(cases)
+        a = i % len(cases)
+        b = held_out_partner(a, len(cases), cases.sites)
         c = build_c_raw(cases.labels[a:a + 1], cases.labels[b:b + 1], cases.images[b:b + 1], cond.label_schema,
                         cond.encoding, cond.mask_only)
         g = torch.Generator().manual_seed(int(np.random.default_rng([seed, i]).integers(2**62)))
@@ -222,7 +225,7 @@ def run_reproduce(s: ReproduceSettings, runners: Runners, config: Mapping[str, A
         test_seeds = range(s.real_offset + s.n_train, s.real_offset + s.n_train + s.n_test)
         mean_seeds = range(s.real_offset + 9000, s.real_offset + 9000 + s.oracle_mean_n)
         stages["table1_oracles"] = run_stage(s.work, "table1_oracles", lambda: template_information(
-            test_seeds, s.shape, s.spacing, mean_seeds), keys["table1"])
+            test_seeds, s.shape, s.spacing, mean_seeds, s.site_size), keys["table1"])
     syn_out = storage.join(s.work, "synthesis")
     if "synthesis" in todo:
         stages["synthesis"] = run_stage(s.work, "synthesis", lambda: runners.synthesize(

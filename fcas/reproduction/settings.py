@@ -37,6 +37,7 @@ class ReproduceSettings:
     checkpoint: str = "checkpoints/demo"
     mask_only_checkpoint: str = "checkpoints/demo-mask-only"
     pairs: int = 10
+    site_size: int | None = None                # Table 1's test phantoms in sites of this many seeds (fcas.phantom.sites)
     table1_steps: int = 20
     oracle_mean_n: int = 16                     # phantoms averaged for the population-mean oracle (template_oracles)
     fid_resize: tuple[int, int, int] | None = None
@@ -77,6 +78,8 @@ class ReproduceSettings:
             raise ValueError("seeds must name at least one seed")
         if self.val_every and self.n_val < 1:
             raise ValueError(f"val_every={self.val_every} needs n_val >= 1 validation phantoms")
+        if self.site_size is not None and self.site_size < 2:
+            raise ValueError(f"site_size must be >= 2 (a template from the target's site) or null, got {self.site_size}")
         if self.n_train < 1 or self.n_test < 2 or self.pairs < 2 or self.syn_n < 1 or self.library_n < 2:
             raise ValueError(f"need n_train >= 1, n_test >= 2, pairs >= 2, syn_n >= 1, library_n >= 2; got "
                              f"{self.n_train}, {self.n_test}, {self.pairs}, {self.syn_n}, {self.library_n}")
@@ -101,17 +104,22 @@ class ReproduceSettings:
     @property
     def test_source(self) -> str:
         """Table 1's held-out pairs: the TCDM's own (standard) domain."""
-        return f"phantom:{self.n_test}@{self.real_offset + self.n_train}"
+        return f"phantom:{self.n_test}@{self.real_offset + self.n_train}{self._sites}"
+
+    @property
+    def _sites(self) -> str:
+        return "" if self.site_size is None else f"/{self.site_size}"
 
     @property
     def seg_test_source(self) -> str:
-        """The segmentation test cases: the seeds of :attr:`test_source` in :attr:`real_domain`."""
-        return self.test_source + self._domain
+        """The segmentation test cases: the seeds of :attr:`test_source` in :attr:`real_domain` (independent
+        phantoms: the sites are Table 1's)."""
+        return f"phantom:{self.n_test}@{self.real_offset + self.n_train}{self._domain}"
 
     @property
     def floor_source(self) -> str:
         """Table 1's real-vs-real FID floor: as many other (standard) phantoms as pairs, after train and test."""
-        return f"phantom:{self.pairs}@{self.real_offset + self.n_train + self.n_test}"
+        return f"phantom:{self.pairs}@{self.real_offset + self.n_train + self.n_test}{self._sites}"
 
     @property
     def val_source(self) -> str | None:

@@ -29,7 +29,7 @@ _DATA = ("preset", "shape", "spacing", "schema", "library_n", "library")
 _REAL = ("n_train", "n_test", "real_offset", "pairs")    # the phantom seeds of Table 1, the seg and validation sets
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "data": _DATA,
-    "table1": _DATA + _REAL + ("checkpoint", "mask_only_checkpoint", "table1_steps", "oracle_mean_n", "fid_resize"),
+    "table1": _DATA + _REAL + ("site_size", "checkpoint", "mask_only_checkpoint", "table1_steps", "oracle_mean_n", "fid_resize"),
     "synthesis": _DATA + ("checkpoint", "syn_n", "syn_steps", "syn_seed", "ssv_every", "ssv_mode", "ssv_start",
                           "sampler_actors"),
 }

@@ -240,7 +240,7 @@ def train_tcdm_loop(
             if latents is not None:
                 with torch.no_grad():
                     latents[slot] = vae_encode(vae, cases.images[slot:slot + 1].to(device), scale_factor)[0]
-        pairs = sample_pairs(len(cases), tc.batch_pairs, rng)
+        pairs = sample_pairs(len(cases), tc.batch_pairs, rng, cases.sites)
         batch = pair_batch(cases, pairs, tc.crop, rng)
         with torch.no_grad():
             if cases.latents is not None:   # the cache: unscaled posterior means at the pair's window
