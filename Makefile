@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install bytecode demo test docs-check clean weights tiny-checkpoint reproduce
+.PHONY: install bytecode demo test docs-check clean weights weights-tcdm weights-tcdm-mask-only tiny-checkpoint reproduce
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,36 +34,41 @@ test: install bytecode
 docs-check: install
 	$(BIN)/python -m pytest -q tests/test_docs_commands.py
 
-# One Ray Train worker of 1.75 CPUs (torch runs ceil = 2 threads) leaves a quarter CPU for the Ray Data tasks
-# that stream the training cases; a worker of all 2 CPUs is refused (the stream could never be scheduled). The
-# worker's buffer holds all 64 cases, so after the first pass nothing more is streamed (a refill per step would
-# cost more than the step). The VAE trains in bfloat16 autocast (train.amp, CPU too: a step 0.55x its fp32 time, the
-# same held-out SSIM); the TCDMs stay fp32 (a bf16 run scored pair SSIM 0.757 against 0.790: docs/benchmarks.md).
+# The VAE: one Ray Train worker of 1.75 CPUs (torch runs ceil = 2 threads) leaves a quarter CPU for the Ray Data
+# tasks that stream the training cases; a worker of all 2 CPUs is refused (the stream could never be scheduled).
+# The worker's buffer holds all 64 cases, so after the first pass nothing more is streamed. The VAE trains in
+# bfloat16 autocast (train.amp, CPU too: a step 0.55x its fp32 time, the same held-out SSIM); the TCDMs stay fp32
+# (bf16 scored pair SSIM 0.783 against 0.789 at 3500 steps: docs/benchmarks.md).
 # Rebuild both demo checkpoints from scratch on phantoms, on 2 CPU cores (reruns resume from outputs/weights/):
 # the VAE (32/64/64 channels, L1 + 0.5 SSIM + KL, cosine lr, 8000 bf16 steps of 32^3 crops: held-out SSIM 0.920,
 # 30.1 dB), then the template-guided TCDM and the mask-only ablation at the same budget (3500 fp32 steps, cosine lr,
-# EMA weights, one-hot mask channels), one after the other. Both bundles are this recipe's (checkpoints/demo
-# 2026-12-03, checkpoints/demo-mask-only 2026-12-04; docs/benchmarks.md).
+# EMA weights, one-hot mask channels) side by side, one core each (1.0-1.2 s a step each, against 0.6 s for one
+# run on both cores: the pair finishes sooner than one after the other). The TCDMs train on phantoms in sites of 8
+# (phantom:64/8, fcas.phantom.sites), each template drawn from its target's site.
 # The time depends on the machine: the VAE stage took 56.9 min on one day and 102.8 and 124 min on others of the
-# same kind (a step 0.4 s against 0.8 s, CPU steal), the template-guided TCDM 86 min on the slow day, so the whole
-# rebuild takes about 2 h on a fast day and 4-4.5 h on a slow one; rerunning `make weights` resumes where it stopped.
+# same kind (a step 0.4 s against 0.8 s, CPU steal); rerunning `make weights` resumes where it stopped.
 VAE_STEPS  ?= 8000
 TCDM_STEPS ?= 3500
-TCDM_ARGS   = preset=demo model=demo data=phantom:64 vae=outputs/weights/vae condition.encoding=onehot \
+TCDM_ARGS   = preset=demo model=demo data=phantom:64/8 vae=outputs/weights/vae condition.encoding=onehot \
               train.steps=$(TCDM_STEPS) train.lr=3e-4 train.schedule=cosine train.warmup_steps=200 train.ema_decay=0.998 \
               train.buffer_cases=64 train.checkpoint_every=500 train.keep_checkpoints=2 trainer.num_workers=1 \
-              trainer.cpus_per_worker=1.75 trainer.progress=false
+              trainer.cpus_per_worker=0.9 trainer.progress=false
 weights: install
 	$(BIN)/python jobs/train_vae.py preset=demo model=demo 'model.vae.channels=[32,64,64]' data=phantom:64 \
 	    out=outputs/weights/vae 'train.crop=[32,32,32]' train.steps=$(VAE_STEPS) train.batch_size=2 train.lr=1e-3 \
 	    train.warmup_steps=200 train.ssim_weight=0.5 train.amp=true train.buffer_cases=64 train.checkpoint_every=500 \
 	    train.keep_checkpoints=2 train.val_data=phantom:4@9000 \
 	    trainer.num_workers=1 trainer.cpus_per_worker=1.75 trainer.progress=false
-	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm
-	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm-mask-only condition.mask_only=true
+	$(MAKE) -j2 weights-tcdm weights-tcdm-mask-only
 	$(BIN)/python -m fcas.models.export outputs/weights/tcdm checkpoints/demo
 	$(BIN)/python -m fcas.models.export outputs/weights/tcdm-mask-only checkpoints/demo-mask-only
 	$(BIN)/python benchmarks/vae_reconstruction.py --vae checkpoints/demo --json checkpoints/demo/vae_reconstruction.json
+
+# The two TCDMs of `make weights` (each needs outputs/weights/vae); `make weights` runs them side by side.
+weights-tcdm: install
+	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm
+weights-tcdm-mask-only: install
+	$(BIN)/python jobs/train_tcdm.py $(TCDM_ARGS) out=outputs/weights/tcdm-mask-only condition.mask_only=true
 
 # Miniature reproduction of the paper's Tables 1, 3 and 4 on phantoms -> docs/results.md. From scratch on 2 CPU
 # cores it took 1 h 09 min (measured 2026-12-04: Table 1 + oracles 4 min, synthesis 33 min, 9 segmentation arms

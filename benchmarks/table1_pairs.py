@@ -4,7 +4,8 @@
 
 The pairs, seeds, DDIM steps and metrics are the full scale of ``configs/reproduce.yaml``
 (:func:`fcas.reproduction.experiment.table1_seed`: SSIM and RMSE under the cardiac mask of M_A, SSIM with
-both images zeroed outside it, FID on the VAE-encoder features of ``--a``'s VAE). Both bundles get the same
+both images zeroed outside it, SSIM and RMSE over the whole volume, FID and sub-volume FID on the VAE-encoder
+features of ``--a``'s VAE). Both bundles get the same
 initial noise for each pair and seed, so the per-seed differences are paired. ``--b`` sits in the slot
 ``make reproduce`` gives the mask-only ablation; any bundle can go there (e.g. the same recipe trained
 another way). About 70 s per seed on 2 CPU cores for two demo bundles.
@@ -20,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-KEYS = ("ssim_mean", "rmse_mean", "ssim_zeroed_mean", "fid")
+KEYS = ("ssim_mean", "rmse_mean", "ssim_zeroed_mean", "ssim_mean_whole", "rmse_mean_whole", "fid", "fid_patches")
 
 
 def main(argv=None) -> dict:

@@ -259,3 +259,22 @@ def test_lpips_is_skipped_without_weights_and_refuses_a_missing_file(tmp_path):
     assert make_lpips(None) is None
     with pytest.raises(ValueError, match="do not exist"):
         make_lpips(str(tmp_path / "nope.pt"))
+
+
+def test_sub_volume_features_pool_the_same_blocks_over_a_grid():
+    from monai.networks.nets import AutoencoderKL
+
+    from fcas.metrics.fid import VAEEncoderFeatures
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(4, 8), latent_channels=2,
+                        num_res_blocks=(1, 1), attention_levels=(False, False), norm_num_groups=4)
+    f = VAEEncoderFeatures(vae)
+    x = torch.rand(2, 1, 16, 16, 16)
+    whole, parts = f(x), f.patches(x, 2)
+    assert parts.shape == (2 * 8, whole.shape[1])
+    # equal sub-volumes: their mean is the global pool, per volume
+    assert torch.allclose(parts.view(2, 8, -1).mean(1), whole, atol=1e-6)
+    assert torch.allclose(f.patches(x, 1), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        f.patches(x, 0)

@@ -80,6 +80,12 @@ def test_smoke_end_to_end_then_rerun_resumes(ray_local, tiny_checkpoint, tiny_te
     assert orc["pairs"] == cfg.scales.smoke.n_test and len(orc["table"]["noise_free"]["per_pair"]) == orc["pairs"]
     assert all(0.0 < v["mean"] <= 1.0 for v in orc["table"].values())
     assert "What the template can carry here" in _section(md, "## Table 1")
+    # sites (smoke: 2): the template is the target's site mate, and the site-mean oracle is reported
+    assert orc["site_size"] == cfg.scales.smoke.site_size and "A_heart_in_site_mean" in orc["table"]
+    assert "B the next phantom of A's site" in _section(md, "## Table 1")
+    # the sub-volume FID: 64 rows per volume, so two volumes already estimate it
+    assert t1["template"]["fid_patches"] >= 0.0 and t1["fid_patches_floor"] >= 0.0
+    assert "sub-volume FID" in _section(md, "## Table 1")
     # an exact heart in unknown surroundings is far from 1 under the mask, worse with I_B's than with the mean
     region = orc["table"]["A_heart_in_mean_region"]["mean"]
     assert orc["table"]["A_heart_in_B_region"]["mean"] < region < orc["table"]["noise_free"]["mean"]

@@ -256,6 +256,9 @@ def evaluate_synthesis(s: EvaluateSettings, features: VAEEncoderFeatures | None 
     return write_report(s, summary, plots, _synthesis_md(summary))
 
 
+PATCH_GRID = 4   # sub-volumes per axis of the sub-volume FID
+
+
 def evaluate_pairs(images, targets, masks=None, features: VAEEncoderFeatures | None = None,
                    win_size: int = 7) -> dict:
     """Image quality of in-memory pairs (e.g. held-out A@B pairs): SSIM / RMSE per pair and FID of the sets.
@@ -267,7 +270,8 @@ def evaluate_pairs(images, targets, masks=None, features: VAEEncoderFeatures | N
         features: the FID feature network; ``None`` skips FID.
 
     Returns:
-        ``{"ssim": [..], "rmse": [..], "ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "features"}``.
+        ``{"ssim": [..], "rmse": [..], "ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "fid_patches",
+        "features"}`` (``fid_patches``: over the 4^3 sub-volumes of every volume, :meth:`VAEEncoderFeatures.patches`).
     """
     images, targets = list(images), list(targets)
     masks = [None] * len(images) if masks is None else list(masks)
@@ -275,14 +279,21 @@ def evaluate_pairs(images, targets, masks=None, features: VAEEncoderFeatures | N
         raise ValueError(f"need as many targets and masks as images, got {len(images)} / {len(targets)} / {len(masks)}")
     ss = [ssim(a, b, m, win_size=win_size) for a, b, m in zip(images, targets, masks)]
     rr = [rmse(a, b, m) for a, b, m in zip(images, targets, masks)]
-    out = {"ssim": ss, "rmse": rr, "fid": None, "features": None}
+    out = {"ssim": ss, "rmse": rr, "fid": None, "fid_patches": None, "features": None}
     out["ssim_mean"], out["ssim_sd"], _ = mean_sd(ss)
     out["rmse_mean"], out["rmse_sd"], _ = mean_sd(rr)
     if features is not None and len(images) >= 2:
         enc = lambda vols: torch.stack([features(torch.as_tensor(np.asarray(v), dtype=torch.float32)[None, None])[0]  # noqa: E731
                                         for v in vols])
         out["fid"], out["features"] = fid(enc(images), enc(targets)), features.description
+        out["fid_patches"] = fid(patch_features(features, images), patch_features(features, targets))
     return out
+
+
+def patch_features(features: VAEEncoderFeatures, vols, grid: int = PATCH_GRID):
+    """The sub-volume feature rows of volumes ``(X, Y, Z)`` in [0, 1], all volumes stacked."""
+    return torch.cat([features.patches(torch.as_tensor(np.asarray(v), dtype=torch.float32)[None, None], grid)
+                      for v in vols])
 
 
 def _synthesis_md(m: Mapping) -> list[str]:

@@ -20,6 +20,13 @@ it against the ``scipy.linalg.sqrtm`` formula on well-conditioned data. Covarian
 (``N - 1``); a set needs at least 2 volumes. With fewer volumes than features the estimate is
 biased upwards (as every FID); compare FIDs at equal set sizes only.
 
+Sub-volume FID (:meth:`VAEEncoderFeatures.patches`): ten volumes give ten feature vectors, so a set's
+covariance has rank 9 in 160 dimensions and the volume FID swings with the initial noise alone. As MAISI
+scores FID over the 2D slices of its volumes rather than over whole volumes, :meth:`patches` pools each
+block's output over a ``g x g x g`` grid of sub-volumes instead of globally (``g = 4``: 64 rows of the same
+features per volume, each one region of 16^3 voxels at 64^3): 640 rows for ten volumes, more rows than
+features. Both FIDs are reported; they measure different things (whole volumes vs regions).
+
 LPIPS needs a pretrained backbone; nothing is downloaded. :func:`make_lpips` returns ``None``
 (the report says "not computed") unless a weights path is given, and then builds MONAI's
 ``PerceptualLoss(network_type="resnet50", is_fake_3d=True, pretrained_path=...)`` (needs torchvision).
@@ -133,6 +140,17 @@ class VAEEncoderFeatures:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, X, Y, Z)`` float in [0, 1] -> features ``(B, F)`` float64."""
+        return self._pooled(images, None)
+
+    @torch.no_grad()
+    def patches(self, images: torch.Tensor, grid: int = 4) -> torch.Tensor:
+        """``(B, 1, X, Y, Z)`` -> ``(B * grid^3, F)``: the same features pooled over each sub-volume of a
+        ``grid^3`` partition (module docstring), volume by volume, sub-volumes in C order."""
+        if int(grid) < 1:
+            raise ValueError(f"the sub-volume grid must be >= 1, got {grid}")
+        return self._pooled(images, int(grid))
+
+    def _pooled(self, images, grid: int | None) -> torch.Tensor:
         x = torch.as_tensor(images, dtype=torch.float32).to(self.device)
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, X, Y, Z), got {tuple(x.shape)}")
@@ -142,7 +160,11 @@ class VAEEncoderFeatures:
         for i, block in enumerate(self.blocks[: self.layers[-1] + 1]):
             x = block(x)
             if i in self.layers:
-                pooled.append(x.mean(dim=tuple(range(2, x.ndim))))
+                if grid is None:
+                    pooled.append(x.mean(dim=tuple(range(2, x.ndim))))
+                else:   # (B, C, g, g, g) -> (B * g^3, C)
+                    p = nn.functional.adaptive_avg_pool3d(x, grid)
+                    pooled.append(p.flatten(2).transpose(1, 2).reshape(-1, p.shape[1]))
         return torch.cat(pooled, dim=1).to("cpu", torch.float64)
 
 

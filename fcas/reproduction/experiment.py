@@ -63,6 +63,7 @@ def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
     surroundings (seen by the SSIM window near the heart's border) enter neither figure.
     """
     from fcas.evaluation import evaluate_pairs
+    from fcas.evaluation.synthesis import patch_features
     from fcas.labels import load_schema
     from fcas.metrics.fid import VAEEncoderFeatures, fid
 
@@ -78,13 +79,16 @@ def table1_seed(s: ReproduceSettings, seed: int, test, floor_set) -> dict:
         r = evaluate_pairs(imgs, targets, masks, feats)
         w = evaluate_pairs(imgs, targets, None, None)
         z = evaluate_pairs([i * m for i, m in zip(imgs, masks)], [t * m for t, m in zip(targets, masks)], masks)
-        out[name] = {k: r[k] for k in ("ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "ssim", "rmse")}
+        out[name] = {k: r[k] for k in ("ssim_mean", "ssim_sd", "rmse_mean", "rmse_sd", "fid", "fid_patches", "ssim",
+                                       "rmse")}
         out[name].update({f"{k}_whole": w[k] for k in ("ssim_mean", "rmse_mean")})
         out[name].update(ssim_zeroed_mean=z["ssim_mean"], ssim_zeroed_sd=z["ssim_sd"])
         out[name]["seconds_per_sample"] = (time.perf_counter() - t0) / s.pairs
         out["features"] = r["features"]
     enc = lambda vols: torch.stack([feats(torch.as_tensor(v)[None, None])[0] for v in vols])  # noqa: E731
-    out["fid_floor"] = fid(enc(targets), enc([floor_set.images[i, 0].numpy() for i in range(len(floor_set))]))
+    floor = [floor_set.images[i, 0].numpy() for i in range(len(floor_set))]
+    out["fid_floor"] = fid(enc(targets), enc(floor))
+    out["fid_patches_floor"] = fid(patch_features(feats, targets), patch_features(feats, floor))
     out["vae_reconstruction"] = vae_reconstruction(s.checkpoint, targets, masks)
     return out
 

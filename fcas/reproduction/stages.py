@@ -20,7 +20,7 @@ __all__ = ["stage_key", "run_stage", "read_stage_log", "log_event", "mean_sd", "
 
 STAGE_LOG = "stage_log.jsonl"
 
-MEASUREMENT_VERSION = 2   # 2: Table 1 scored under the cardiac mask of M_A (1: the whole volume)
+MEASUREMENT_VERSION = 3   # 3: + the sub-volume FID; 2: Table 1 scored under the cardiac mask of M_A (1: the whole volume)
 
 
 # What each stage's result depends on (fields of ReproduceSettings); every field is in one of these or in
