@@ -435,3 +435,19 @@ def test_the_case_buffer_keeps_the_site_of_every_slot_and_the_stream_carries_it(
     site_rows = case_rows("phantom:2@3/2")
     b = load_case_batch({k: [r[k] for r in site_rows] for k in site_rows[0]}, TINY["shape"], TINY["spacing"])
     assert list(b["site"]) == ["phantom_site_0001", "phantom_site_0002"]
+
+
+def test_a_cases_manifest_names_sites_in_an_optional_column(tmp_path, tiny_templates):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fcas.diffusion.data import case_rows, load_cases
+    from fcas.io.manifest import read_cases
+
+    table = read_cases(tiny_templates, schema=None)          # file URIs made absolute
+    table = table.append_column("site", pa.array(["north", "south", "north", "south"][: table.num_rows]))
+    pq.write_table(table, tmp_path / "cases.parquet")
+    cases = load_cases(str(tmp_path), split=None)
+    assert cases.sites == table.column("site").to_pylist()
+    assert [r["site"] for r in case_rows(str(tmp_path), split=None)] == cases.sites
+    assert load_cases(tiny_templates, split=None).sites is None   # no column: no sites
