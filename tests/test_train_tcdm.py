@@ -2,6 +2,7 @@
 killed mid-way and restarted resumes from its checkpoint, Hydra config composition, VAE loop."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 
@@ -201,6 +202,15 @@ def test_streamed_cases_match_loaded_cases_and_the_streamed_loops_train(tmp_path
         assert r["steps_run"] == 3
         outs.append(load_checkpoint(r["latest_checkpoint"]).state_dict("controlnet"))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    # a buffer that holds every case, delivered in another order (as Ray Data's parallel tasks may): the same run
+    orders = [[c["case_id"] for c in itertools.islice(_local_stream(rows, seed, **kw), 3)] for seed in (0, 3)]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+    held = []
+    for seed in (0, 3):
+        s = _settings(tmp_path / f"all{seed}", 3, buffer_cases=3, refill_every=0)
+        r = train_tcdm_loop(s, case_stream=lambda seed=seed: _local_stream(rows, seed, **kw), progress=False)
+        held.append(load_checkpoint(r["latest_checkpoint"]).state_dict("controlnet"))
+    assert all(torch.equal(held[0][k], held[1][k]) for k in held[0])
     v = VAESettings.from_dict({**TINY, "data": "phantom:3", "out": str(tmp_path / "vae"),
                                "train": {"steps": 2, "batch_size": 1, "checkpoint_every": 2, "buffer_cases": 2}})
     assert train_vae_loop(v, case_stream=lambda: _local_stream(rows, **kw), progress=False)["steps_run"] == 2

@@ -20,7 +20,9 @@ Two ways to feed a training loop:
   worker's shard, and the step's pairs (TCDM) or crops (VAE) are drawn uniformly from the buffer with
   ``rng([seed, step, rank])``. Memory is ``K`` cases whatever ``N``. A single worker whose buffer holds
   all ``N`` cases is never refilled (the job sets ``refill_every=0``): a pull through Ray Data costs more
-  than a step on a small machine and would bring no new case.
+  than a step on a small machine and would bring no new case. The first fill is stored in case-id order,
+  whatever order the stream delivered it in (Ray Data's parallel tasks finish in any order), so such a
+  run repeats itself draw for draw; refilled slots take whatever the stream gives next.
 
 How the N^2 pairing survives the buffer: the stream's block order (one case per block) is reshuffled
 every epoch (``randomize_block_order`` with ``RandomSeedConfig(seed, reseed_after_execution=True)``),
@@ -232,7 +234,9 @@ class CaseBuffer:
         if size < 1:
             raise ValueError(f"the case buffer needs >= 1 slot (train.buffer_cases), got {size}")
         self.stream = stream
-        first = [self._next() for _ in range(size)]
+        # slots in case-id order, not arrival order: Ray Data does not keep the order of its parallel tasks,
+        # so a buffer that holds every case of its shard (one worker, no refills) trains the same way each run
+        first = sorted((self._next() for _ in range(size)), key=lambda c: str(c["case_id"]))
         shapes = {tuple(np.shape(c["label"])) for c in first}
         if len(shapes) != 1:
             raise ValueError(f"training cases must share one grid; found shapes {sorted(shapes)}")

@@ -10,7 +10,9 @@ uninterrupted one. Streamed (``case_stream=``, the Ray Train job): the pairs com
 ``buffer_cases`` cases (:class:`fcas.diffusion.data.CaseBuffer`); the draws are still keyed by
 ``(seed, step, rank)`` and weights, optimizer, EMA, history and step resume exactly, but the buffer is
 refilled from the stream after a restart, so a resumed streamed run is not bit-identical to an
-uninterrupted one (which cases sit in the buffer depends on Ray Data's delivery order).
+uninterrupted one (which cases sit in the buffer depends on Ray Data's delivery order). A buffer that holds
+every case of its shard and is never refilled (one worker, ``make weights``) is filled in case-id order:
+such a run, fresh or resumed, draws the same pairs whatever order the stream delivered.
 
 ``train.latent_cache=<uri>`` (a ``jobs/cache_latents.py`` output, :mod:`fcas.diffusion.latent_cache`): the
 targets' latents come from the cache instead of the VAE -- the pair's crop window divided by 4 in latent

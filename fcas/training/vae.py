@@ -8,7 +8,8 @@ random crops, flips and intensity jitter from ``rng([seed, step, rank])``, so a 
 same data as an uninterrupted one (in memory: ``cases=`` or ``data=`` loaded whole; streamed through a
 bounded :class:`fcas.diffusion.data.CaseBuffer` of ``buffer_cases`` cases, as the Ray Train job does, the
 draws keep their ``(seed, step, rank)`` keys but the buffer's contents after a restart depend on the
-stream, so a resumed streamed run is not bit-identical). Rank 0 writes checkpoint folders (``config.json``
+stream, so a resumed streamed run is not bit-identical, unless the buffer holds every case and is never
+refilled: it is filled in case-id order). Rank 0 writes checkpoint folders (``config.json``
 with the latent ``scale_factor``, ``vae.pt``, ``optimizer.pt``, the discriminator when used, ``history.pt`` with the
 loss and the held-out ``val_ssim`` / ``val_psnr`` curves of ``val_data``) every ``checkpoint_every``
 steps; a restart resumes from the latest. Hand-written loop and schedule; networks and losses are MONAI's.
