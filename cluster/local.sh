@@ -127,20 +127,26 @@ PID=$PID
 GCS_ADDRESS=$HOST:$port
 DASHBOARD=$DASHBOARD
 EOF
-    # wait for the job API (the dashboard) to answer; 401 is an answer too: with Ray's token
+    # wait for the job API (the dashboard) and then for the node's dashboard agent, which runs the jobs: the
+    # head gives a submission only 10 s to find an agent ("No available agent to submit job"), and on a loaded
+    # machine the agent comes up later than the dashboard. 401 is an answer too: with Ray's token
     # authentication on (RAY_AUTH_MODE=token, or a token in ~/.ray/auth_token) the ray CLI sends the token
-    local deadline=$((SECONDS + ${FCAS_RAY_START_TIMEOUT:-90}))
-    until [[ "$(curl -sS --noproxy '*' -o /dev/null -w '%{http_code}' "$DASHBOARD/api/version" 2>/dev/null)" =~ ^(200|401)$ ]]; do
-        if ! alive; then
-            echo "local.sh: ray start exited; its log ($STATE/head.log):" >&2
-            tail -n 30 "$STATE/head.log" >&2
-            rm -f "$STATE_FILE"; exit 1
-        fi
-        if (( SECONDS > deadline )); then
-            echo "local.sh: dashboard did not answer at $DASHBOARD; stopping (log: $STATE/head.log)" >&2
-            cmd_stop; exit 1
-        fi
-        sleep 0.5
+    local deadline=$((SECONDS + ${FCAS_RAY_START_TIMEOUT:-90})) what url
+    for what in dashboard agent; do
+        url="$DASHBOARD/api/version"
+        [[ "$what" == agent ]] && url="http://$HOST:$agent/api/healthz"
+        until [[ "$(curl -sS --noproxy '*' -o /dev/null -w '%{http_code}' "$url" 2>/dev/null)" =~ ^(200|401)$ ]]; do
+            if ! alive; then
+                echo "local.sh: ray start exited; its log ($STATE/head.log):" >&2
+                tail -n 30 "$STATE/head.log" >&2
+                rm -f "$STATE_FILE"; exit 1
+            fi
+            if (( SECONDS > deadline )); then
+                echo "local.sh: the $what did not answer at $url; stopping (log: $STATE/head.log)" >&2
+                cmd_stop; exit 1
+            fi
+            sleep 0.5
+        done
     done
     echo "Ray head running: pid $PID, GCS $HOST:$port, dashboard $DASHBOARD, $num_cpus CPUs, $num_gpus GPUs"
     echo "  submit: cluster/local.sh submit -- python jobs/<job>.py ..."
