@@ -48,7 +48,10 @@ docs-check: install
 # (fcas.phantom.sites), each template from its target's site: over the whole volume the template then leads on
 # every seed, under the cardiac mask two retrains of that recipe disagree (docs/benchmarks.md, "Sites").
 # The time depends on the machine: the VAE stage took 56.9 min on one day and 102.8 and 124 min on others of the
-# same kind (a step 0.4 s against 0.8 s, CPU steal); rerunning `make weights` resumes where it stopped.
+# same kind (a step 0.4 s against 0.8 s, CPU steal; 0.73 s over the first 200 steps on 2026-12-06, about 97 min):
+# `make weights` fits 2 hours only on a fast day. Rerunning it resumes where it stopped, and since the case
+# buffer is filled in case-id order the same command draws the same batches (benchmarks/training_repeatability.py
+# compares two tiny TCDM runs' weights: identical).
 VAE_STEPS  ?= 8000
 TCDM_STEPS ?= 3500
 TCDM_DATA  ?= phantom:64
