@@ -46,7 +46,7 @@ docs-check: install
 # run on both cores: the pair finishes sooner than one after the other). The bundled TCDMs trained on 64 independent
 # phantoms, random pairs (TCDM_DATA=phantom:64). `make weights TCDM_DATA=phantom:64/8` trains them in sites of 8
 # (fcas.phantom.sites), each template from its target's site: over the whole volume the template then leads on
-# every seed, under the cardiac mask two retrains of that recipe disagree (docs/benchmarks.md, "Sites").
+# every seed of three retrains, under the cardiac mask the two models tie (docs/benchmarks.md, "Sites").
 # The time depends on the machine: the VAE stage took 56.9 min on one day and 102.8 and 124 min on others of the
 # same kind (a step 0.4 s against 0.8 s, CPU steal; 0.73 s over the first 200 steps on 2026-12-06, about 97 min):
 # `make weights` fits 2 hours only on a fast day. Rerunning it resumes where it stopped, and since the case
