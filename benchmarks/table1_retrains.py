@@ -6,9 +6,9 @@
 Each JSON is one retrain of the template-guided TCDM and of its mask-only ablation, scored by
 ``benchmarks/table1_pairs.py`` (or ``make reproduce``'s Table 1 stages) on the same held-out pairs and seeds.
 A retrain's score is the mean over its seeds. For every metric this prints each arm's mean and sd *across
-retrains* (the retrain-to-retrain noise: training is not bitwise reproducible), the mean of the per-retrain
-differences (template minus mask-only) with its sd, and how many retrains favour the template (higher SSIM,
-lower RMSE and FID). Hand-written summary arithmetic (numpy); nothing is trained or sampled here.
+retrains* (the retrain-to-retrain noise: retrains made before the case buffer kept case-id order each drew
+their data order anew; now vary ``train.seed``), the mean of the per-retrain differences (template minus
+mask-only) with its sd, and how many retrains favour the template (higher SSIM, lower RMSE and FID). Hand-written summary arithmetic (numpy); nothing is trained or sampled here.
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Does the same TCDM training command give the same weights twice? Two Ray Train runs, side by side in one Ray.
+"""Does the same TCDM training command give the same weights twice? Two Ray Train runs, one after the other in one Ray.
 
     python benchmarks/training_repeatability.py [--cases 8] [--steps 6] [--workers 1]
 
@@ -8,7 +8,7 @@ the script compares every ControlNet tensor of the two final checkpoints and pri
 with the largest difference. With one worker whose buffer holds every case the runs must agree bit for bit
 (the buffer is filled in case-id order, whatever order Ray Data's parallel tasks deliver in); with more
 workers than that, or a buffer smaller than the shard, which cases a worker holds depends on the stream.
-About 40 s on 2 CPU cores.
+About 65 s on 2 CPU cores.
 """
 import argparse
 import sys
@@ -33,10 +33,12 @@ def main(argv=None) -> bool:
 
     from fcas.models.checkpoint import load_checkpoint
     from fcas.pipeline.train_tcdm import run
+    from fcas.presets import load_preset
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    tiny = {"name": "tiny", "shape": [32, 32, 32], "spacing": [4.0, 4.0, 4.0]}
+    p = load_preset("tiny")
+    tiny = {"name": p.name, "shape": list(p.shape), "spacing": list(p.spacing)}
     states = []
     with tempfile.TemporaryDirectory(prefix="fcas-repeat-") as tmp:
         for k in range(2):
@@ -45,8 +47,8 @@ def main(argv=None) -> bool:
                    "vae": None,
                    "train": {"steps": args.steps, "checkpoint_every": args.steps, "keep_checkpoints": 0,
                              "buffer_cases": args.cases},
-                   "trainer": {"num_workers": args.workers, "cpus_per_worker": 1 / args.workers if args.workers > 1
-                               else 1, "progress": False, "storage_path": f"{out}_ray"}}
+                   "trainer": {"num_workers": args.workers, "cpus_per_worker": 1 / args.workers, "progress": False,
+                               "storage_path": f"{out}_ray"}}
             summary = run(cfg)
             states.append(load_checkpoint(summary["latest_checkpoint"]).state_dict("controlnet"))
     ray.shutdown()
